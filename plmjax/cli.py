@@ -1,0 +1,70 @@
+"""The `plmjax` command: one subcommand per job, each a thin wrapper over a module.
+
+  plmjax pretrain  --config configs/bert_tiny.py --workdir DIR [--config.a.b=V ...]
+  plmjax tokenizer train --input GLOB --vocab-size N --model-type unigram|bpe --out PREFIX
+  plmjax export    --workdir DIR --out OUT [--step N] [--dtype float32|bfloat16]
+  plmjax import-hf --model HF_DIR --workdir DIR
+  plmjax finetune  --config configs/finetune/TASK.py --init DIR --workdir DIR [--config.x=v]
+  plmjax predict   --workdir DIR --input FILE
+  plmjax generate  --workdir DIR --prompt TEXT [--max-new-tokens N ...]
+
+Errors caused by input (plmjax.errors.UserError) print one line on stderr and exit 2;
+`--debug` shows the traceback.
+"""
+
+import argparse
+import importlib
+import sys
+
+from plmjax.errors import UserError
+
+# subcommand -> module with `add_arguments(parser)` and `main(args, overrides)`.
+COMMANDS = {
+    "pretrain": ("plmjax.train.pretrain", "pretrain a BERT or GPT model"),
+    "tokenizer": ("plmjax.data.tokenizer_cli", "train a sentencepiece tokenizer"),
+    "export": ("plmjax.export.export", "export a checkpoint to a Hugging Face directory"),
+    "import-hf": ("plmjax.export.import_hf", "import a Hugging Face BERT/GPT-2 directory"),
+    "finetune": ("plmjax.finetune.finetune", "fine-tune on a classification/tagging/QA task"),
+    "predict": ("plmjax.finetune.predict", "predict with a fine-tuned model"),
+    "generate": ("plmjax.generate", "generate text with a GPT model"),
+}
+
+
+def build_parser(argv):
+  parser = argparse.ArgumentParser(prog="plmjax", description=__doc__.split("\n")[0])
+  parser.add_argument("--debug", action="store_true", help="show tracebacks")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+  # Import only the module of the command being run (jax imports are slow).
+  wanted = next((a for a in argv if a in COMMANDS), None)
+  for name, (module_name, help_text) in COMMANDS.items():
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    if name == wanted:
+      importlib.import_module(module_name).add_arguments(p)
+  return parser
+
+
+def main(argv=None):
+  argv = list(sys.argv[1:] if argv is None else argv)
+  debug = "--debug" in argv
+  try:
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if a.startswith("--config.")]
+    unknown = [a for a in extra if not a.startswith("--config.")]
+    if unknown:
+      parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    module = importlib.import_module(COMMANDS[args.command][0])
+    return module.main(args, overrides) or 0
+  except UserError as e:
+    if debug:
+      raise
+    print(f"plmjax: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("plmjax: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,199 @@
+"""Run configuration: defaults, loading a config file, command-line overrides.
+
+A config is a plain `ml_collections.ConfigDict` with five sections:
+`model` (-> `ModelConfig`), `data`, `train`, `checkpoint`, `mesh` (+ `sharding`).
+Config files in `configs/` define `get_config()` and start from `base_config()`.
+ConfigDicts are type-safe: assigning a string to an int key, or a key that does
+not exist, raises an error that names the key.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+from plmjax.errors import ConfigError
+from plmjax.models.config import ModelConfig
+
+# Logical axis name -> mesh axes. Parameters and activations carry logical names
+# (see plmjax/models); this table decides how they are laid out on the mesh.
+# Data-parallel by default: batch over (data, fsdp); parameters sharded over
+# `fsdp` (a no-op while mesh.fsdp == 1) and `tensor` (a no-op while tensor == 1).
+DEFAULT_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("kv", None),
+    ("position", None),
+    ("type", None),
+    ("classes", None),
+    ("norm", None),
+)
+
+
+def base_config(arch: str = "bert") -> ml_collections.ConfigDict:
+  """Every key a run understands, with defaults that work on a laptop CPU."""
+  c = ml_collections.ConfigDict()
+  c.model = ModelConfig(arch=arch).to_dict()
+  c.model = ml_collections.ConfigDict(c.model)
+  if arch == "gpt":
+    c.model.layer_norm_eps = 1e-5
+    c.model.vocab_size = 50257
+    c.model.max_position_embeddings = 1024
+
+  # Which head the model carries (plmjax.models.build_model): pretraining | mlm (BERT),
+  # lm (GPT), or a fine-tuning head set by configs/finetune/*.
+  c.task = ml_collections.ConfigDict(dict(head="lm" if arch == "gpt" else "pretraining"))
+
+  c.data = ml_collections.ConfigDict(dict(
+      train="",  # glob of .txt/.jsonl files, or tfds:NAME[/CONFIG]:SPLIT
+      eval="",  # same forms; empty: no evaluation
+      tokenizer="",  # sentencepiece .model path; empty: train one into the workdir
+      tokenizer_model_type="unigram",  # unigram | bpe (when training one)
+      tfds_data_dir="",  # tfds data_dir (local or gs://); empty: tfds default
+      max_seq_len=128,
+      max_predictions_per_seq=20,  # BERT: masked positions per row
+      mask_prob=0.15,
+      short_seq_prob=0.1,  # BERT: chance of a shorter target length
+      whole_word_masking=False,
+      nsp=True,  # BERT: next-sentence pairs (False: MLM only, one segment)
+      packing=False,  # pack several examples in one row with segment ids
+      shuffle_buffer_docs=0,  # unused for map-style sources; kept for tfds streams
+      num_workers=0,  # grain worker processes (0: in-process)
+      prefetch=2,  # batches prefetched to device
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000,
+      batch_size=32,  # global, across all processes and devices
+      grad_accum_steps=1,  # micro-batches per optimiser step
+      seed=0,
+      learning_rate=1e-4,
+      warmup_steps=100,
+      decay="linear",  # linear | cosine | constant
+      end_learning_rate_ratio=0.0,  # final lr as a fraction of the peak
+      weight_decay=0.01,
+      adam_b1=0.9,
+      adam_b2=0.999,
+      adam_eps=1e-6,
+      grad_clip_norm=1.0,  # 0 disables clipping
+      log_every_steps=10,
+      eval_every_steps=0,  # 0: evaluate only at the end (when data.eval is set)
+      eval_steps=10,  # batches per evaluation
+      nonfinite="stop",  # stop | skip: what to do when loss or grads are not finite
+      max_nonfinite_in_a_row=10,  # with nonfinite=skip
+      peak_flops_per_device=0.0,  # 0: look it up in the peak table (for MFU)
+      profile=False,
+  ))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=500,
+      keep=3,
+      async_save=True,
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding = ml_collections.ConfigDict(dict(logical_axis_rules=DEFAULT_AXIS_RULES))
+  return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Runs `get_config()` from a Python config file."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist; pass e.g. --config configs/bert_tiny.py")
+  spec = importlib.util.spec_from_file_location("plmjax_user_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} defines no get_config() function")
+  return module.get_config()
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]):
+  """Applies `--config.a.b=VALUE` strings; unknown keys and bad types are errors."""
+  for item in overrides:
+    if not item.startswith("--config.") or "=" not in item:
+      raise ConfigError(f"cannot parse {item!r}; overrides look like --config.train.steps=100")
+    dotted, raw = item[len("--config."):].split("=", 1)
+    set_value(config, dotted, raw)
+  return config
+
+
+def set_value(config: ml_collections.ConfigDict, dotted: str, raw: str):
+  *parents, leaf = dotted.split(".")
+  node = config
+  for i, part in enumerate(parents):
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      raise ConfigError(f"unknown config key config.{'.'.join(parents[:i + 1])}; "
+                        f"known: {', '.join(sorted(node.keys()))}")
+    node = node[part]
+  if leaf not in node:
+    where = "config." + ".".join(parents) if parents else "config"
+    raise ConfigError(f"unknown config key config.{dotted}; known keys of {where}: "
+                      f"{', '.join(sorted(node.keys()))}")
+  old = node[leaf]
+  node[leaf] = _parse(raw, old, dotted)
+
+
+def _parse(raw: str, old, dotted: str):
+  want = type(old)
+  try:
+    if isinstance(old, bool):
+      if raw.lower() in ("true", "1", "yes"):
+        return True
+      if raw.lower() in ("false", "0", "no"):
+        return False
+      raise ValueError
+    if isinstance(old, int):
+      return int(raw)
+    if isinstance(old, float):
+      return float(raw)
+    if isinstance(old, str) or old is None:
+      return raw
+    if isinstance(old, (tuple, list)):
+      import ast
+      value = ast.literal_eval(raw)
+      return want(value)
+  except (ValueError, SyntaxError):
+    pass
+  raise ConfigError(f"config.{dotted}={raw!r} is not a valid {want.__name__} "
+                    f"(current value {old!r})")
+
+
+def validate(config: ml_collections.ConfigDict) -> ModelConfig:
+  """Checks cross-key constraints; returns the typed model config."""
+  model_cfg = ModelConfig.from_config(config.model)
+  d, t = config.data, config.train
+  positive = [("train.steps", t.steps), ("train.batch_size", t.batch_size),
+              ("train.grad_accum_steps", t.grad_accum_steps),
+              ("data.max_seq_len", d.max_seq_len), ("checkpoint.every_steps",
+                                                    config.checkpoint.every_steps),
+              ("checkpoint.keep", config.checkpoint.keep),
+              ("train.log_every_steps", t.log_every_steps)]
+  for key, value in positive:
+    if value <= 0:
+      raise ConfigError(f"config.{key}={value} must be a positive integer")
+  if t.learning_rate <= 0:
+    raise ConfigError(f"config.train.learning_rate={t.learning_rate} must be positive")
+  if t.decay not in ("linear", "cosine", "constant"):
+    raise ConfigError(f"config.train.decay={t.decay!r} is not allowed; use linear, cosine or constant")
+  if t.nonfinite not in ("stop", "skip"):
+    raise ConfigError(f"config.train.nonfinite={t.nonfinite!r} is not allowed; use stop or skip")
+  if d.max_seq_len > model_cfg.max_position_embeddings:
+    raise ConfigError(
+        f"config.data.max_seq_len={d.max_seq_len} is above the model's position table "
+        f"(config.model.max_position_embeddings={model_cfg.max_position_embeddings}); "
+        "lower max_seq_len or raise max_position_embeddings")
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError(f"config.train.batch_size={t.batch_size} is not divisible by "
+                      f"config.train.grad_accum_steps={t.grad_accum_steps}")
+  if model_cfg.arch == "bert" and not 0 < d.mask_prob < 1:
+    raise ConfigError(f"config.data.mask_prob={d.mask_prob} must be in (0, 1)")
+  return model_cfg

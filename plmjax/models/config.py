@@ -1,0 +1,97 @@
+"""The typed model configuration every model module takes.
+
+Built from `config.model` (a plain ConfigDict) by `ModelConfig.from_config`, which
+validates every value and names the key and the allowed values on error.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from plmjax.errors import ConfigError
+
+ARCHITECTURES = ("bert", "gpt")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLS = ("xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  arch: str = "bert"  # "bert" (post-LN encoder) or "gpt" (pre-LN decoder)
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2  # BERT only
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-12
+  initializer_range: float = 0.02
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"  # master weights
+  attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation
+  remat: str = "none"  # per-layer rematerialisation policy
+  num_labels: int = 2  # fine-tuning heads (classification, tagging)
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def compute_dtype(self) -> Any:
+    return DTYPES[self.dtype]
+
+  @property
+  def weights_dtype(self) -> Any:
+    return DTYPES[self.param_dtype]
+
+  def __post_init__(self):
+    def bad(key, value, allowed):
+      raise ConfigError(f"config.model.{key}={value!r} is not allowed; use {allowed}.")
+
+    if self.arch not in ARCHITECTURES:
+      bad("arch", self.arch, " or ".join(ARCHITECTURES))
+    for key in ("dtype", "param_dtype"):
+      if getattr(self, key) not in DTYPES:
+        bad(key, getattr(self, key), " or ".join(DTYPES))
+    if self.attention_impl not in ATTENTION_IMPLS:
+      bad("attention_impl", self.attention_impl, " or ".join(ATTENTION_IMPLS))
+    if self.remat not in REMAT_POLICIES:
+      bad("remat", self.remat, " or ".join(REMAT_POLICIES))
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                "intermediate_size", "max_position_embeddings", "type_vocab_size",
+                "num_labels"):
+      value = getattr(self, key)
+      if not isinstance(value, int) or value <= 0:
+        bad(key, value, "a positive integer")
+    if self.hidden_size % self.num_heads:
+      raise ConfigError(
+          f"config.model.hidden_size={self.hidden_size} is not divisible by "
+          f"config.model.num_heads={self.num_heads}; choose num_heads that divides it "
+          f"(e.g. {', '.join(str(h) for h in _divisors(self.hidden_size))}).")
+    for key in ("dropout_rate", "attention_dropout_rate"):
+      if not 0.0 <= getattr(self, key) < 1.0:
+        bad(key, getattr(self, key), "a number in [0, 1)")
+
+  @classmethod
+  def from_config(cls, model_cfg) -> "ModelConfig":
+    """From a mapping (ConfigDict or dict); unknown keys are an error."""
+    values = dict(model_cfg.items()) if hasattr(model_cfg, "items") else dict(model_cfg)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ConfigError(
+          f"unknown key(s) config.model.{', config.model.'.join(unknown)}; "
+          f"known keys: {', '.join(sorted(names))}.")
+    return cls(**values)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, min(n, 64) + 1) if n % d == 0][-6:]
