@@ -1,0 +1,112 @@
+"""`plmjax pretrain`: config -> tokenizer -> data -> model -> Trainer.
+
+  plmjax pretrain --config configs/bert_tiny.py --workdir runs/bert_tiny [--config.a.b=V ...]
+
+Starting again with the same workdir resumes from its newest checkpoint.
+"""
+
+import os
+import shutil
+
+import jax
+
+from plmjax import config as config_lib
+from plmjax.data import pipeline, sources
+from plmjax.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
+from plmjax.errors import UserError
+from plmjax.models import build_model
+from plmjax.train import checkpoint, distributed
+from plmjax.train.flops import flops_per_token
+from plmjax.train.objectives import PRETRAINING
+from plmjax.train.trainer import Trainer
+
+
+def add_arguments(parser):
+  parser.add_argument("--config", required=True, help="config file, e.g. configs/bert_tiny.py")
+  parser.add_argument("--workdir", required=True,
+                      help="checkpoints, tokenizer, metrics.jsonl, TensorBoard events")
+  parser.epilog = "Override any config key with --config.KEY=VALUE, e.g. --config.train.steps=100"
+
+
+def main(args, overrides):
+  config = config_lib.load_config_file(args.config)
+  config_lib.apply_overrides(config, overrides)
+  distributed.initialize_from_env()
+  result = run(config, args.workdir)
+  if result.stopped_by:
+    return 128 + {"SIGINT": 2, "SIGTERM": 15}.get(result.stopped_by, 15)
+  return 0
+
+
+def prepare_tokenizer(config, workdir: str):
+  """The run's tokenizer, kept in DIR/tokenizer/: given, already there, or trained."""
+  dst = checkpoint.tokenizer_subdir(workdir)
+  arch = config.model.arch
+  if config.data.tokenizer:
+    tok = load_tokenizer(config.data.tokenizer)
+    if jax.process_index() == 0 and not os.path.isdir(dst):
+      tok.save(dst)
+    return tok
+  if os.path.isdir(dst) and os.listdir(dst):
+    return load_tokenizer(dst)
+  prefix = os.path.join(dst, "tokenizer")
+  if jax.process_index() == 0:
+    print(f"plmjax: training a {config.data.tokenizer_model_type} tokenizer "
+          f"(vocab {config.model.vocab_size}) on {config.data.train} -> {prefix}.model", flush=True)
+    docs = sources.read_documents(config.data.train, tfds_data_dir=config.data.tfds_data_dir or None)
+    tmp = dst + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    train_tokenizer((line for doc in docs for line in doc), config.model.vocab_size,
+                    config.data.tokenizer_model_type, os.path.join(tmp, "tokenizer"), kind=arch)
+    os.replace(tmp, dst)
+  _sync("tokenizer")
+  return load_tokenizer(dst)
+
+
+def _sync(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def run(config, workdir: str):
+  """Pretrains (or resumes) in `workdir`; returns the Trainer's Result."""
+  model_cfg = config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  checkpoint.check_same_model(workdir, config)
+  if not config.data.train:
+    raise UserError("config.data.train is empty; set it to a file glob, "
+                    "tfds:NAME[/CONFIG]:SPLIT or builtin:python-docs")
+  tokenizer = prepare_tokenizer(config, workdir)
+  check_vocab(tokenizer, model_cfg.vocab_size)
+  if jax.process_index() == 0:
+    checkpoint.write_config(workdir, config)
+
+  n_proc, proc = jax.process_count(), jax.process_index()
+  local_batch = config.train.batch_size // n_proc
+
+  def make_iter(split):
+    return pipeline.make_pretrain_iterator(config, tokenizer, split=split, batch_size=local_batch,
+                                           process_index=proc, process_count=n_proc)
+
+  train_iter = make_iter("train")
+  first_state = train_iter.get_state()
+  example = next(train_iter)
+  train_iter.set_state(first_state)
+
+  seq_len = config.data.max_seq_len
+  masked = config.data.max_predictions_per_seq if model_cfg.arch == "bert" else None
+  model = build_model(model_cfg, config.task.head)
+  trainer = Trainer(config, workdir, model, PRETRAINING[model_cfg.arch], example,
+                    flops_per_token=flops_per_token(model_cfg, seq_len, masked),
+                    tokens_per_example=seq_len)
+  make_eval = None
+  if config.data.eval:  # tokenised once; every evaluation replays the same batches
+    eval_iter = make_iter("eval")
+    eval_start = eval_iter.get_state()
+
+    def make_eval():
+      eval_iter.set_state(eval_start)
+      return eval_iter
+  return trainer.fit(train_iter, make_eval)
