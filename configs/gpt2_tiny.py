@@ -16,6 +16,7 @@ def get_config():
   c.model.update(num_layers=2, hidden_size=128, num_heads=2, intermediate_size=512,
                  vocab_size=8000, max_position_embeddings=128)
   c.data.train = "builtin:python-docs"
+  c.data.eval = "builtin:python-docs:eval"
   c.data.tokenizer_model_type = "bpe"
   c.data.max_seq_len = 128
   c.data.packing = True

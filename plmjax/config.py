@@ -26,7 +26,8 @@ DEFAULT_AXIS_RULES = (
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
-    ("vocab", "tensor"),
+    ("vocab", None),  # GPT-2's 50257 rows do not split evenly
+    ("embed_out", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
@@ -65,6 +66,7 @@ def base_config(arch: str = "bert") -> ml_collections.ConfigDict:
       whole_word_masking=False,
       nsp=True,  # BERT: next-sentence pairs (False: MLM only, one segment)
       packing=False,  # pack several examples in one row with segment ids
+      max_pairs_per_row=0,  # packed BERT: pairs per row (0: max_seq_len // 32)
       shuffle_buffer_docs=0,  # unused for map-style sources; kept for tfds streams
       num_workers=0,  # grain worker processes (0: in-process)
       prefetch=2,  # batches prefetched to device
@@ -89,6 +91,8 @@ def base_config(arch: str = "bert") -> ml_collections.ConfigDict:
       eval_steps=10,  # batches per evaluation
       nonfinite="stop",  # stop | skip: what to do when loss or grads are not finite
       max_nonfinite_in_a_row=10,  # with nonfinite=skip
+      stop_after_steps=0,  # >0: checkpoint and exit after this many steps of this invocation
+      inject_nan_at_step=-1,  # test hook: make the loss NaN at this step
       peak_flops_per_device=0.0,  # 0: look it up in the peak table (for MFU)
       profile=False,
   ))

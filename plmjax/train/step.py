@@ -23,7 +23,7 @@ def make_train_step(model, tx: optax.GradientTransformation, objective: Objectiv
                     train_cfg) -> Callable:
   accum = train_cfg.grad_accum_steps
   skip_nonfinite = train_cfg.nonfinite == "skip"
-  inject_nan_at = train_cfg.get("inject_nan_at_step", -1)
+  inject_nan_at = train_cfg.inject_nan_at_step
 
   def micro_grads(params, micro, totals, rng):
     def loss_fn(p):

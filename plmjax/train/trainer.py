@@ -5,6 +5,7 @@ logging, signals); the step itself is the pure function of plmjax.train.step.
 """
 
 import dataclasses
+import json
 import logging
 import queue
 import signal
@@ -104,6 +105,19 @@ class _Signals:
       signal.signal(sig, old)
 
 
+def _gather_from_processes(value) -> list:
+  """Every process's JSON-able `value`, in process order (process 0 writes the JSON)."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils
+  raw = json.dumps(value).encode()
+  sizes = multihost_utils.process_allgather(np.int32(len(raw)))
+  padded = np.zeros(int(np.max(sizes)), np.uint8)
+  padded[:len(raw)] = np.frombuffer(raw, np.uint8)
+  rows = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]
+
+
 def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -190,7 +204,7 @@ class Trainer:
 
   def _save(self, mngr, step: int, data_state, extra: dict):
     meta = dict(step=step, rng=np.asarray(jax.device_get(self.state["rng"])).tolist(),
-                data=data_state, **extra)
+                data=_gather_from_processes(data_state), **extra)
     checkpoint.save(mngr, step, self.state["params"], self.state["opt_state"], meta)
 
   # ---- evaluation ----------------------------------------------------------------------
@@ -216,8 +230,10 @@ class Trainer:
     start = 0
     if meta is not None:
       start = int(meta["step"])
-      train_iter.set_state(meta["data"])
+      train_iter.set_state(meta["data"][jax.process_index()])
       print(f"plmjax: resumed from step {start} of {mngr.directory}", flush=True)
+    if stop_at is None and tcfg.stop_after_steps > 0:
+      stop_at = start + tcfg.stop_after_steps
     writer = MetricsWriter(self.workdir, enabled=self.is_main)
     writer.truncate_after(start)
     tokens_per_step = tcfg.batch_size * self.tokens_per_example

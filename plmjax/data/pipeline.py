@@ -1,0 +1,165 @@
+"""The pretraining input pipeline: source -> tokens -> examples -> shuffled batches.
+
+  it = make_pretrain_iterator(config, tokenizer, split="train", batch_size=B,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())
+  batch = next(it)           # dict of numpy arrays, leading dimension B
+  state = it.get_state()     # JSON-serialisable; save it with the checkpoint
+  it.set_state(state)        # continue exactly where `state` was taken
+
+Each process reads only its shard of the documents and tokenises it once. A grain
+MapDataset indexes the examples: shuffled per epoch from config.train.seed
+(eval: in order), repeated forever, each example made on the fly from
+(seed, epoch, index), batched. The position is grain's iterator state.
+"""
+
+import grain
+import numpy as np
+
+from plmjax.data import sources
+from plmjax.data.bert_examples import BertExamples
+from plmjax.data.bert_packing import PackedBertExamples
+from plmjax.data.corpus import TokenizedCorpus, tokenize_documents
+from plmjax.data.gpt_examples import GptExamples
+from plmjax.data.tokenizer import check_special_tokens, check_vocab
+from plmjax.errors import ConfigError, DataError
+
+SPLITS = ("train", "eval")
+
+
+def max_pairs_per_row(config) -> int:
+  """Packed BERT pairs per row: config.data.max_pairs_per_row, or max_seq_len // 32."""
+  value = config.data.get("max_pairs_per_row", 0)
+  return value if value > 0 else max(1, config.data.max_seq_len // 32)
+
+
+def check_data_config(config, tokenizer):
+  """The checks that need both the config and the tokenizer; errors name the key."""
+  d, m = config.data, config.model
+  check_special_tokens(tokenizer, m.arch)
+  check_vocab(tokenizer, m.vocab_size)
+  if d.max_seq_len > m.max_position_embeddings:
+    raise ConfigError(f"config.data.max_seq_len={d.max_seq_len} is above the model's "
+                      f"positions (config.model.max_position_embeddings="
+                      f"{m.max_position_embeddings}); lower max_seq_len")
+  if m.arch == "bert":
+    if not 0 < d.mask_prob < 1:
+      raise ConfigError(f"config.data.mask_prob={d.mask_prob} must be in (0, 1)")
+    if d.max_predictions_per_seq < 1:
+      raise ConfigError(f"config.data.max_predictions_per_seq={d.max_predictions_per_seq} "
+                        "must be at least 1")
+    if d.max_seq_len < 8:
+      raise ConfigError(f"config.data.max_seq_len={d.max_seq_len} is too short for BERT pairs")
+
+
+def load_corpus(config, tokenizer, *, split: str = "train", process_index: int = 0,
+                process_count: int = 1) -> TokenizedCorpus:
+  if split not in SPLITS:
+    raise ValueError(f"split={split!r}; use 'train' or 'eval'")
+  key = f"config.data.{split}"
+  docs = sources.read_documents(config.data[split], process_index=process_index,
+                                process_count=process_count,
+                                tfds_data_dir=config.data.tfds_data_dir or None, key=key)
+  where = f" (process {process_index} of {process_count})" if process_count > 1 else ""
+  try:
+    return tokenize_documents(docs, tokenizer, name=f"{key}={config.data[split]!r}{where}")
+  except DataError as e:
+    if process_count == 1:
+      raise
+    raise DataError(f"{e}: this process's shard is empty (fewer documents than "
+                    "processes?)") from e
+
+
+def make_examples(config, tokenizer, corpus: TokenizedCorpus):
+  """The map-style example source config.model.arch and config.data ask for."""
+  d, seed = config.data, config.train.seed
+  if config.model.arch == "gpt":
+    return GptExamples(corpus, tokenizer, max_seq_len=d.max_seq_len, packing=d.packing)
+  kwargs = dict(max_seq_len=d.max_seq_len, max_predictions_per_seq=d.max_predictions_per_seq,
+                mask_prob=d.mask_prob, short_seq_prob=d.short_seq_prob,
+                whole_word_masking=d.whole_word_masking, nsp=d.nsp, seed=seed)
+  if d.packing:
+    return PackedBertExamples(corpus, tokenizer, max_pairs_per_row=max_pairs_per_row(config),
+                              **kwargs)
+  return BertExamples(corpus, tokenizer, **kwargs)
+
+
+class _Example:
+  """Global index k of the repeated dataset -> the example for (epoch, index)."""
+
+  def __init__(self, examples, n: int):
+    self.examples, self.n = examples, n
+
+  def __call__(self, k: int, index: int):
+    return self.examples.example(index, epoch=k // self.n)
+
+
+def _mark_absl_flags_parsed():
+  """Grain's worker processes read absl flags, which a plain script never parses."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+class PretrainIterator:
+  """Endless batches; `get_state`/`set_state` save and restore the position."""
+
+  def __init__(self, examples, *, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
+               num_threads: int = 1, split: str = "train", num_tokens: int = 0):
+    self.examples = examples
+    self.examples_per_epoch = len(examples)
+    self.batch_size = batch_size
+    self.num_tokens = num_tokens
+    self.split = split
+    self.num_workers = num_workers
+    ds = grain.MapDataset.range(self.examples_per_epoch)
+    if shuffle:
+      ds = ds.shuffle(seed=seed % 2**32)
+    ds = ds.repeat(None).map_with_index(_Example(examples, self.examples_per_epoch))
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if num_workers > 0:
+      _mark_absl_flags_parsed()
+      it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=num_workers))
+    else:
+      # One background thread keeps a few batches ready; more threads only fight over the GIL.
+      it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                   prefetch_buffer_size=4 if num_threads else 0))
+    self._it = iter(it_ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._it)
+
+  def get_state(self) -> dict:
+    return dict(position=self._it.get_state(), examples_per_epoch=self.examples_per_epoch,
+                batch_size=self.batch_size, split=self.split, num_workers=self.num_workers)
+
+  def set_state(self, state: dict):
+    for key in ("examples_per_epoch", "batch_size", "split", "num_workers"):
+      if state.get(key) != getattr(self, key):
+        raise DataError(f"the saved data position has {key}={state.get(key)!r} but this run has "
+                        f"{getattr(self, key)!r}: the data or batch settings changed since it was "
+                        "saved")
+    self._it.set_state(state["position"])
+
+  def close(self):
+    if hasattr(self._it, "close"):
+      self._it.close()
+
+
+def make_pretrain_iterator(config, tokenizer, *, split: str = "train", batch_size: int,
+                           process_index: int = 0, process_count: int = 1,
+                           num_threads: int = 1) -> PretrainIterator:
+  """Batches of this process's share of config.data[split] (see the module docstring)."""
+  if batch_size <= 0:
+    raise ConfigError(f"per-process batch size {batch_size} must be positive")
+  check_data_config(config, tokenizer)
+  corpus = load_corpus(config, tokenizer, split=split, process_index=process_index,
+                       process_count=process_count)
+  examples = make_examples(config, tokenizer, corpus)
+  return PretrainIterator(examples, batch_size=batch_size, shuffle=split == "train",
+                          seed=config.train.seed, num_workers=config.data.num_workers,
+                          num_threads=num_threads, split=split, num_tokens=corpus.num_tokens)

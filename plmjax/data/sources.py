@@ -1,0 +1,187 @@
+"""Where pretraining text comes from: local files, tfds datasets, or built-in text.
+
+A *document* is a list of segments (strings): the paragraph lines of a text,
+with long lines split at sentence ends. Spec strings (config.data.train / eval):
+
+  'corpus/*.txt'              documents separated by blank lines, one paragraph per line
+  'corpus/*.jsonl'            one JSON object per line, the document in its `text` field
+                              (.gz versions of both are read too)
+  'tfds:NAME[/CONFIG]:SPLIT'  a prepared tfds dataset, read through tfds.data_source (no
+                              TensorFlow); its `text` feature; data_dir=config.data.tfds_data_dir
+  'builtin:python-docs[:eval]'  Python's own documentation (see python_docs.py)
+
+Shards are disjoint and together cover the data. With at least two files per
+process, process p of n reads only its own run of files (split by size);
+otherwise it reads all and keeps documents i with i % n == p. tfds datasets are
+read by record index, i % n == p.
+"""
+
+import glob
+import gzip
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+
+from plmjax.errors import ConfigError, DataError
+
+# A sentence end: . ! or ? (maybe closing quotes/brackets), spaces, then what can start one.
+_SENTENCE_END = re.compile(r"(?<=[.!?])([\"')\]]*)\s+(?=[\"'(\[]?[A-Z0-9])")
+# Lines up to this long stay one segment; longer ones are split at sentence ends.
+LONG_LINE_CHARS = 200
+
+
+def split_sentences(line: str) -> list[str]:
+  line = line.strip()
+  if len(line) <= LONG_LINE_CHARS:
+    return [line] if line else []
+  return [s.strip() for s in _SENTENCE_END.sub(r"\1\n", line).split("\n") if s.strip()]
+
+
+def text_to_segments(text: str) -> list[str]:
+  return [s for line in text.split("\n") for s in split_sentences(line)]
+
+
+def read_documents(spec: str, *, process_index: int = 0, process_count: int = 1,
+                   tfds_data_dir: str | None = None, key: str = "data spec"):
+  """This process's documents of `spec` (a list, or a sized iterable for tfds).
+
+  `key` names the config key the spec came from, for error messages.
+  """
+  if not 0 <= process_index < process_count:
+    raise ConfigError(f"process_index={process_index} is not in [0, {process_count})")
+  if not spec:
+    raise ConfigError(f"{key} is empty; set it to a glob of .txt/.jsonl files, "
+                      "tfds:NAME:SPLIT or builtin:python-docs")
+  if spec.startswith("tfds:"):
+    return TfdsDocuments(spec, process_index, process_count, tfds_data_dir, key)
+  if spec.startswith("builtin:"):
+    from plmjax.data import python_docs  # pylint: disable=g-import-not-at-top
+    docs = python_docs.read(spec, key)
+  else:
+    files = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+      raise DataError(f"{key}={spec!r} matches no files")
+    owners = _file_owners(files, process_count)
+    if owners is not None:  # enough files: each process opens only its own
+      return read_files([f for f, p in zip(files, owners) if p == process_index])
+    docs = read_files(files)
+  return docs[process_index::process_count]
+
+
+def _file_owners(files: Sequence[str], process_count: int) -> list[int] | None:
+  """Contiguous runs of files of about equal total size per process, or None.
+
+  None (shard by document instead) when there are fewer than 2 files per process
+  or some process would get no file.
+  """
+  if process_count == 1 or len(files) < 2 * process_count:
+    return None
+  sizes = [os.path.getsize(f) for f in files]
+  total, before, owners = sum(sizes) or 1, 0, []
+  for size in sizes:
+    owners.append(min(int((before + size / 2) / total * process_count), process_count - 1))
+    before += size
+  return owners if len(set(owners)) == process_count else None
+
+
+def read_files(files: Sequence[str]) -> list[list[str]]:
+  docs = []
+  for path in files:
+    before = len(docs)
+    name = path[:-3] if path.endswith(".gz") else path
+    if name.endswith(".jsonl"):
+      docs.extend(_jsonl_documents(path))
+    elif name.endswith(".txt"):
+      docs.extend(_txt_documents(path))
+    else:
+      raise DataError(f"{path}: unsupported file type; use .txt (documents separated by blank "
+                      "lines) or .jsonl (a `text` field per line)")
+    if len(docs) == before:
+      raise DataError(f"{path} holds no text")
+  return docs
+
+
+def _open(path: str):
+  if path.endswith(".gz"):
+    return gzip.open(path, "rt", encoding="utf-8")
+  return open(path, encoding="utf-8")
+
+
+def _txt_documents(path: str) -> Iterator[list[str]]:
+  doc = []
+  with _open(path) as f:
+    for line in f:
+      if line.strip():
+        doc.extend(split_sentences(line))
+      elif doc:
+        yield doc
+        doc = []
+  if doc:
+    yield doc
+
+
+def _jsonl_documents(path: str) -> Iterator[list[str]]:
+  with _open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+      if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise DataError(f"{path}:{n}: the line has no string field 'text'")
+      doc = text_to_segments(record["text"])
+      if doc:
+        yield doc
+
+
+def parse_tfds_spec(spec: str, key: str = "data spec") -> tuple[str, str]:
+  """'tfds:wikipedia/20230601.en:train[:10%]' -> ('wikipedia/20230601.en', 'train[:10%]')."""
+  body = spec[len("tfds:"):]
+  name, sep, split = body.partition(":")
+  if not name or not sep or not split:
+    raise ConfigError(f"{key}={spec!r} is not of the form tfds:NAME[/CONFIG]:SPLIT "
+                      "(e.g. tfds:wikipedia/20230601.en:train)")
+  return name, split
+
+
+class TfdsDocuments:
+  """This process's documents of a prepared tfds dataset, read lazily in batches."""
+
+  def __init__(self, spec: str, process_index: int, process_count: int,
+               data_dir: str | None, key: str = "data spec", batch: int = 256):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    name, split = parse_tfds_spec(spec, key)
+    where = f"data_dir={data_dir!r}" if data_dir else "the default tfds data_dir"
+    try:
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                      download=False)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise DataError(f"{key}={spec!r}: tfds dataset {name!r} not found in {where} "
+                      "(set config.data.tfds_data_dir to where it was prepared)") from e
+    except Exception as e:  # tfds raises assorted errors for unprepared data / bad splits
+      first = str(e).strip().split("\n")[0]
+      raise DataError(f"{key}={spec!r}: cannot read tfds dataset {name!r} split {split!r} "
+                      f"from {where}: {first}") from e
+    features = list(self._source.dataset_info.features.keys())
+    if "text" not in features:
+      raise DataError(f"{key}={spec!r}: tfds dataset {name!r} has no 'text' feature "
+                      f"(features: {', '.join(features)})")
+    self._indices = range(process_index, len(self._source), process_count)
+    self._batch = batch
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __iter__(self) -> Iterator[list[str]]:
+    for start in range(0, len(self._indices), self._batch):
+      records = self._source.__getitems__(list(self._indices[start:start + self._batch]))
+      for record in records:
+        text = record["text"]
+        doc = text_to_segments(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+        if doc:
+          yield doc

@@ -1,0 +1,350 @@
+"""Tokenizers: sentencepiece models trained here, or Hugging Face tokenizers imported.
+
+Special-token layouts of the sentencepiece models `train_tokenizer` writes:
+
+  kind='bert':  [PAD]=0  [UNK]=1  [CLS]=2  [SEP]=3  [MASK]=4, then the learned pieces.
+  kind='gpt':   <|endoftext|>=0  <unk>=1, then the learned pieces. No pad token: GPT
+                batches pad with <|endoftext|> and give those positions loss weight 0.
+
+[CLS]/[SEP]/[MASK] are sentencepiece *control* symbols: the text "[MASK]" in a
+document is encoded as ordinary characters and can never become a real mask.
+"""
+
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from plmjax.errors import ConfigError, DataError
+
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+EOT = "<|endoftext|>"
+MODEL_TYPES = ("unigram", "bpe")
+KINDS = ("bert", "gpt")
+
+
+class Tokenizer:
+  """What the data pipeline and the trainer need from a tokenizer."""
+
+  path: str
+  vocab_size: int
+  pad_id: int | None = None
+  unk_id: int | None = None
+  cls_id: int | None = None
+  sep_id: int | None = None
+  mask_id: int | None = None
+  eos_id: int | None = None
+  # vocab_size booleans: True where a piece starts a word (whole-word masking).
+  _word_start: np.ndarray
+  _special: set[int]
+
+  def encode(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
+  def decode(self, ids) -> str:
+    raise NotImplementedError
+
+  def is_word_start(self, ids) -> np.ndarray:
+    return self._word_start[np.asarray(ids, dtype=np.int64)]
+
+  @property
+  def special_ids(self) -> set[int]:
+    return set(self._special)
+
+  @property
+  def kind(self) -> str:
+    if None not in (self.cls_id, self.sep_id, self.mask_id):
+      return "bert"
+    if self.eos_id is not None:
+      return "gpt"
+    raise DataError(f"tokenizer {self.path} has neither the BERT special tokens "
+                    f"({', '.join(BERT_SPECIALS)}) nor {EOT}")
+
+  def save(self, directory: str) -> str:
+    raise NotImplementedError
+
+  def _finish_init(self, extra_special: Iterable[int] = ()):
+    named = (self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id, self.eos_id)
+    self._special = {i for i in named if i is not None} | set(extra_special)
+    self._word_start[list(self._special)] = True  # a special token is a word on its own
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A sentencepiece `.model` file (unigram or BPE)."""
+
+  def __init__(self, model_path: str):
+    self.path = os.fspath(model_path)
+    if not os.path.isfile(self.path):
+      raise DataError(f"tokenizer file {self.path} does not exist; train one with "
+                      "`plmjax tokenizer train` or set config.data.tokenizer")
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.Load(self.path)
+    except (OSError, RuntimeError) as e:
+      raise DataError(f"tokenizer file {self.path} is not a sentencepiece model ({e})") from e
+    self.vocab_size = self._sp.get_piece_size()
+
+    def lookup(piece):
+      i = self._sp.piece_to_id(piece)
+      return i if self._sp.id_to_piece(i) == piece else None
+
+    self.pad_id, self.unk_id = lookup("[PAD]"), self._sp.unk_id()
+    self.cls_id, self.sep_id, self.mask_id = lookup("[CLS]"), lookup("[SEP]"), lookup("[MASK]")
+    self.eos_id = lookup(EOT)
+    if self.pad_id is None and self._sp.pad_id() >= 0:
+      self.pad_id = self._sp.pad_id()
+    pieces = [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+    self._word_start = np.array([p.startswith("\u2581") for p in pieces], dtype=np.bool_)
+    control = [i for i in range(self.vocab_size) if self._sp.is_control(i)]
+    self._finish_init(control)
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return self._sp.encode(list(texts))
+
+  def decode(self, ids) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(int(i))
+
+  def save(self, directory: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    dest = os.path.join(directory, "tokenizer.model")
+    if os.path.abspath(dest) != os.path.abspath(self.path):
+      shutil.copyfile(self.path, dest)
+    return dest
+
+
+class HFTokenizer(Tokenizer):
+  """A Hugging Face `tokenizer.json`, or a BERT WordPiece `vocab.txt`.
+
+  `encode` never adds special tokens: the example builders add [CLS]/[SEP].
+  """
+
+  def __init__(self, path: str):
+    import tokenizers  # pylint: disable=g-import-not-at-top
+
+    self.path = os.fspath(path)
+    if not os.path.isfile(self.path):
+      raise DataError(f"tokenizer file {self.path} does not exist")
+    try:
+      if os.path.basename(self.path).endswith(".json"):
+        self._tok = tokenizers.Tokenizer.from_file(self.path)
+      else:
+        self._tok = _wordpiece_from_vocab(self.path)
+    except Exception as e:  # tokenizers raises plain Exceptions on bad files.
+      raise DataError(f"tokenizer file {self.path} cannot be read ({e})") from e
+    self._tok.no_truncation()  # a tokenizer.json may carry them; rows are cut by the builders
+    self._tok.no_padding()
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    lookup = self._tok.token_to_id
+    self.pad_id, self.unk_id = lookup("[PAD]"), lookup("[UNK]")
+    self.cls_id, self.sep_id, self.mask_id = lookup("[CLS]"), lookup("[SEP]"), lookup("[MASK]")
+    self.eos_id = lookup(EOT)
+    vocab = self._tok.get_vocab(with_added_tokens=True)
+    self._word_start = np.ones(self.vocab_size, dtype=np.bool_)
+    rule = _word_start_rule(type(self._tok.model).__name__, vocab)
+    for piece, i in vocab.items():
+      if i < self.vocab_size:
+        self._word_start[i] = rule(piece)
+    added = self._tok.get_added_tokens_decoder()
+    self._finish_init(i for i, t in added.items() if t.special and i < self.vocab_size)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in ids])
+
+  def save(self, directory: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    dest = os.path.join(directory, os.path.basename(self.path))
+    if os.path.abspath(dest) != os.path.abspath(self.path):
+      shutil.copyfile(self.path, dest)
+      config = os.path.join(os.path.dirname(self.path), "tokenizer_config.json")
+      if os.path.isfile(config):
+        shutil.copyfile(config, os.path.join(directory, "tokenizer_config.json"))
+    return dest
+
+
+def _word_start_rule(model_name: str, vocab: dict[str, int]):
+  if model_name == "WordPiece":
+    return lambda piece: not piece.startswith("##")
+  for marker in ("\u0120", "\u2581"):  # GPT-2 byte-level 'Ġ', sentencepiece '▁'
+    if any(p.startswith(marker) for p in vocab):
+      return lambda piece, m=marker: piece.startswith(m)
+  return lambda piece: True
+
+
+def _wordpiece_from_vocab(vocab_path: str):
+  """A BERT tokenizer from vocab.txt; lower-cases as tokenizer_config.json says."""
+  from tokenizers import Tokenizer as HFTok  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+  with open(vocab_path, encoding="utf-8") as f:
+    pieces = [line.rstrip("\n") for line in f]
+  if not any(pieces):
+    raise DataError(f"tokenizer file {vocab_path} is empty")
+  vocab = {p: i for i, p in enumerate(pieces)}
+  lowercase = None
+  config = os.path.join(os.path.dirname(vocab_path), "tokenizer_config.json")
+  if os.path.isfile(config):
+    with open(config, encoding="utf-8") as f:
+      lowercase = json.load(f).get("do_lower_case")
+  if lowercase is None:  # an uncased vocabulary has no upper-case pieces
+    lowercase = not any(p != p.lower() for p in pieces if not p.startswith("["))
+  tok = HFTok(models.WordPiece(vocab, unk_token="[UNK]"))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.decoder = decoders.WordPiece()
+  tok.add_special_tokens([p for p in BERT_SPECIALS if p in vocab])
+  return tok
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+  """A `.model`, a `tokenizer.json`, a `vocab.txt`, or a directory holding one."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    for name in ("tokenizer.model", "tokenizer.json", "vocab.txt", "spiece.model"):
+      if os.path.isfile(os.path.join(path, name)):
+        return load_tokenizer(os.path.join(path, name))
+    models = sorted(f for f in os.listdir(path) if f.endswith(".model"))
+    if len(models) == 1:
+      return load_tokenizer(os.path.join(path, models[0]))
+    raise DataError(f"directory {path} holds no tokenizer (tokenizer.model, tokenizer.json, "
+                    "vocab.txt or one *.model file)")
+  if not os.path.exists(path):
+    raise DataError(f"tokenizer {path} does not exist; train one with `plmjax tokenizer train` "
+                    "or set config.data.tokenizer")
+  if path.endswith(".json") or path.endswith(".txt"):
+    return HFTokenizer(path)
+  return SentencePieceTokenizer(path)
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, *, exact: bool = True):
+  """The embedding table must cover the tokenizer (and, if `exact`, match it)."""
+  n = tokenizer.vocab_size
+  if n > model_vocab_size or (exact and n != model_vocab_size):
+    raise DataError(f"tokenizer {tokenizer.path} has {n} tokens but config.model.vocab_size="
+                    f"{model_vocab_size}; set config.model.vocab_size={n}")
+
+
+def check_special_tokens(tokenizer: Tokenizer, arch: str):
+  """BERT needs [PAD]/[CLS]/[SEP]/[MASK]; GPT needs <|endoftext|>."""
+  if arch == "bert":
+    missing = [p for p, i in zip(BERT_SPECIALS, (tokenizer.pad_id, tokenizer.unk_id,
+                                                 tokenizer.cls_id, tokenizer.sep_id,
+                                                 tokenizer.mask_id)) if i is None]
+  else:
+    missing = [EOT] if tokenizer.eos_id is None else []
+  if missing:
+    raise DataError(f"tokenizer {tokenizer.path} lacks {', '.join(missing)} needed by "
+                    f"config.model.arch={arch!r}; train one with --kind {arch}")
+
+
+# sentencepiece trainer flags that give the layouts in the module docstring.
+_SPECIALS = {
+    "bert": dict(pad_id=0, pad_piece="[PAD]", unk_id=1, unk_piece="[UNK]", bos_id=-1, eos_id=-1,
+                 control_symbols=["[CLS]", "[SEP]", "[MASK]"]),
+    "gpt": dict(eos_id=0, eos_piece=EOT, unk_id=1, unk_piece="<unk>", bos_id=-1, pad_id=-1),
+}
+
+
+def train_tokenizer(texts_or_files, vocab_size: int, model_type: str = "unigram",
+                    out_prefix: str = "tokenizer", kind: str = "bert", *,
+                    max_sentences: int = 2_000_000, character_coverage: float = 0.9995,
+                    byte_fallback: bool = False, tfds_data_dir: str | None = None,
+                    num_threads: int = 4, verbose: bool = False,
+                    key: str = "tokenizer input") -> str:
+  """Trains a sentencepiece model; writes OUT_PREFIX.model/.vocab; returns the .model path.
+
+  `texts_or_files`: a source spec string (glob of .txt/.jsonl, tfds:NAME:SPLIT,
+  builtin:python-docs), a list of `os.PathLike` files, or an iterable of texts.
+  The first `max_sentences` segments are used, and the number of trainer threads
+  is a setting (unigram's EM sums in per-thread order), not the machine's core
+  count, so the same input and settings give the same bytes on any machine.
+  `key` names the input in error messages.
+  """
+  from plmjax.data import sources  # pylint: disable=g-import-not-at-top
+
+  if model_type not in MODEL_TYPES:
+    raise DataError(f"model type {model_type!r} is not allowed; use unigram or bpe")
+  if kind not in KINDS:
+    raise DataError(f"tokenizer kind {kind!r} is not allowed; use bert or gpt")
+  if isinstance(texts_or_files, (str, os.PathLike)) and not isinstance(texts_or_files, str):
+    texts_or_files = [texts_or_files]
+  if isinstance(texts_or_files, str):
+    docs = sources.read_documents(texts_or_files, tfds_data_dir=tfds_data_dir, key=key)
+    sentences = (s for doc in docs for s in doc)
+  elif isinstance(texts_or_files, (list, tuple)) and texts_or_files and all(
+      isinstance(f, os.PathLike) for f in texts_or_files):
+    docs = sources.read_files([os.fspath(f) for f in texts_or_files])
+    sentences = (s for doc in docs for s in doc)
+  else:
+    sentences = (line.strip() for text in texts_or_files for line in text.split("\n"))
+  sentences = _take(sentences, max_sentences)
+  if not sentences:
+    raise DataError(f"{key}: no text to train the tokenizer on")
+  args = dict(_SPECIALS[kind])
+  args.update(model_type=model_type, vocab_size=vocab_size, character_coverage=character_coverage,
+              byte_fallback=byte_fallback, input_sentence_size=0, max_sentence_length=1 << 16,
+              num_threads=num_threads, minloglevel=0 if verbose else 2)
+  model = io.BytesIO()  # no model_prefix in the trainer spec: same bytes wherever it is written
+  try:
+    spm.SentencePieceTrainer.Train(sentence_iterator=iter(sentences), model_writer=model, **args)
+  except RuntimeError as e:
+    raise DataError(f"sentencepiece training failed for --vocab-size {vocab_size}: {e}") from e
+  out_prefix = os.fspath(out_prefix)
+  os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+  with open(out_prefix + ".model", "wb") as f:
+    f.write(model.getvalue())
+  sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+  with open(out_prefix + ".vocab", "w", encoding="utf-8") as f:
+    for i in range(sp.get_piece_size()):
+      f.write(f"{sp.id_to_piece(i)}\t{sp.get_score(i) + 0.0:g}\n")  # + 0.0: no "-0"
+  return out_prefix + ".model"
+
+
+def _take(items: Iterable[str], n: int) -> list[str]:
+  out = []
+  for s in items:
+    if s:
+      out.append(s)
+      if len(out) >= n:
+        break
+  return out
+
+
+def load_or_train(config, workdir: str) -> Tokenizer:
+  """config.data.tokenizer if set; else WORKDIR/tokenizer.model, trained on first use.
+
+  Training is deterministic, so every process may train its own copy: each
+  writes under a private name and renames it into place atomically.
+  """
+  if config.data.tokenizer:
+    return load_tokenizer(config.data.tokenizer)
+  if config.data.tokenizer_model_type not in MODEL_TYPES:
+    raise ConfigError(f"config.data.tokenizer_model_type={config.data.tokenizer_model_type!r} "
+                      "is not allowed; use unigram or bpe")
+  path = os.path.join(workdir, "tokenizer.model")
+  if not os.path.exists(path):
+    prefix = os.path.join(workdir, f".tokenizer-{os.getpid()}")
+    train_tokenizer(config.data.train, config.model.vocab_size,
+                    config.data.tokenizer_model_type, prefix, kind=config.model.arch,
+                    tfds_data_dir=config.data.tfds_data_dir or None, key="config.data.train")
+    os.replace(prefix + ".vocab", os.path.join(workdir, "tokenizer.vocab"))
+    os.replace(prefix + ".model", path)
+  return load_tokenizer(path)

@@ -1,0 +1,193 @@
+"""Per task type: the model head, the training objective, and the evaluation metrics.
+
+  type            head                      loss                         metrics
+  classification  sequence_classification   cross-entropy                accuracy (+ f1,
+                                                                         matthews_corr)
+  regression      sequence_classification   mean squared error           pearson, spearman
+  tagging         token_classification      cross-entropy, first         precision, recall,
+                                            sub-token of each word       f1 (entities), accuracy
+  qa              question_answering        start + end cross-entropy/2  exact_match, f1
+
+The objective's sums drive training (loss, accuracy); the task metrics need every
+prediction, so `evaluate` runs the model over the whole validation set.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from plmjax.errors import ConfigError
+from plmjax.finetune import features as features_lib
+from plmjax.finetune import metrics
+from plmjax.train.objectives import Objective
+
+HEADS = {"classification": "sequence_classification", "regression": "sequence_classification",
+         "tagging": "token_classification", "qa": "question_answering"}
+# Model outputs the evaluation reads.
+OUTPUTS = {"classification": ("logits",), "regression": ("logits",), "tagging": ("logits",),
+           "qa": ("start_logits", "end_logits")}
+OPTIONAL_METRICS = ("f1", "matthews_corr")  # classification extras, chosen by task.metrics
+
+
+def check_task_type(task):
+  if task.type not in HEADS:
+    raise ConfigError(f"config.task.type={task.type!r} is not allowed; use "
+                      f"{', '.join(HEADS)}")
+
+
+def check_task(task):
+  check_task_type(task)
+  if task.type in ("classification", "tagging") and len(task.labels) < 2:
+    raise ConfigError(f"config.task.labels={tuple(task.labels)!r}: a {task.type} task needs "
+                      "at least two label names")
+  if task.type == "qa" and not task.text_b_field:
+    raise ConfigError("config.task.text_b_field is empty; a qa task reads the context there")
+  for name in task.metrics:
+    if name not in ("accuracy",) + OPTIONAL_METRICS:
+      raise ConfigError(f"config.task.metrics has {name!r}; classification extras are "
+                        f"{', '.join(OPTIONAL_METRICS)} (other task types report all of theirs)")
+
+
+def num_labels(task) -> int:
+  return 1 if task.type == "regression" else max(len(task.labels), 1)
+
+
+# ---- objectives (jitted; sums are additive over batches and devices) -------------------
+
+def _xent(logits, labels, weights):
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  return (nll * weights).sum(), (correct * weights).sum()
+
+
+def _count(batch):
+  return dict(count=batch["weights"].astype(jnp.float32).sum())
+
+
+def _mean_loss(sums, totals):
+  return sums["loss"] / jnp.maximum(totals["count"], 1.0)
+
+
+def _finalize(*ratios):
+  def finalize(sums):
+    n = max(float(sums["count"]), 1.0)
+    return {name: float(sums[name]) / n for name in ("loss",) + ratios}
+  return finalize
+
+
+def _classification_sums(out, batch):
+  w = batch["weights"].astype(jnp.float32)
+  loss, correct = _xent(out["logits"], batch["labels"], w)
+  return dict(loss=loss, correct=correct, count=w.sum())
+
+
+def _regression_sums(out, batch):
+  w = batch["weights"].astype(jnp.float32)
+  err = out["logits"][:, 0] - batch["labels"].astype(jnp.float32)
+  return dict(loss=(err * err * w).sum(), count=w.sum())
+
+
+def _tag_weights(batch):
+  return (batch["labels"] >= 0) * batch["weights"].astype(jnp.float32)[:, None]
+
+
+def _tagging_sums(out, batch):
+  w_BxL = _tag_weights(batch)
+  loss, correct = _xent(out["logits"], jnp.maximum(batch["labels"], 0), w_BxL)
+  return dict(loss=loss, correct=correct, count=w_BxL.sum())
+
+
+def _tagging_totals(batch):
+  return dict(count=_tag_weights(batch).sum())
+
+
+def _qa_sums(out, batch):
+  w = batch["weights"].astype(jnp.float32)
+  start_loss, start_correct = _xent(out["start_logits"], batch["start_positions"], w)
+  end_loss, end_correct = _xent(out["end_logits"], batch["end_positions"], w)
+  return dict(loss=(start_loss + end_loss) / 2, start_correct=start_correct,
+              end_correct=end_correct, count=w.sum())
+
+
+OBJECTIVES = {
+    "classification": Objective(_classification_sums, _count, _mean_loss, _finalize("correct")),
+    "regression": Objective(_regression_sums, _count, _mean_loss, _finalize()),
+    "tagging": Objective(_tagging_sums, _tagging_totals, _mean_loss, _finalize("correct")),
+    "qa": Objective(_qa_sums, _count, _mean_loss, _finalize("start_correct", "end_correct")),
+}
+
+
+# ---- evaluation on host ------------------------------------------------------------------
+
+def _nll(logits_NxC, labels_N) -> np.ndarray:
+  z = logits_NxC - logits_NxC.max(axis=-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+  return -np.take_along_axis(logp, labels_N[..., None], axis=-1)[..., 0]
+
+
+def compute_metrics(task, feats: features_lib.Features, outputs: dict) -> dict:
+  """Metrics of all predictions (`outputs`: OUTPUTS[task.type] arrays, one row per feature)."""
+  labels = list(task.labels)
+  if task.type == "classification":
+    logits, gold = outputs["logits"], np.asarray(feats.examples)
+    preds = logits.argmax(-1)
+    out = dict(loss=float(_nll(logits, gold).mean()), accuracy=metrics.accuracy(preds, gold))
+    if "f1" in task.metrics:
+      out["f1"] = metrics.binary_f1(preds, gold)
+    if "matthews_corr" in task.metrics:
+      out["matthews_corr"] = metrics.matthews_corr(preds, gold)
+    return out
+  if task.type == "regression":
+    preds, gold = outputs["logits"][:, 0], np.asarray(feats.examples, np.float64)
+    return dict(loss=float(((preds - gold) ** 2).mean()), pearson=metrics.pearson(preds, gold),
+                spearman=metrics.spearman(preds, gold))
+  if task.type == "tagging":
+    logits, gold_ids = outputs["logits"], feats.arrays["labels"]
+    keep = gold_ids >= 0
+    loss = float(_nll(logits[keep], gold_ids[keep]).mean()) if keep.any() else 0.0
+    pred_tags = features_lib.tag_predictions(feats, logits, labels)
+    gold_tags = [[labels[t] for t in ex["tags"]] for ex in feats.examples]
+    words = sum(len(t) for t in gold_tags)
+    right = sum(p == g for ps, gs in zip(pred_tags, gold_tags) for p, g in zip(ps, gs))
+    return dict(loss=loss, **metrics.entity_scores(gold_tags, pred_tags),
+                accuracy=right / max(words, 1))
+  answers = features_lib.qa_answers(feats, outputs["start_logits"], outputs["end_logits"],
+                                    n_best=task.n_best, max_answer_len=task.max_answer_len)
+  return metrics.squad_scores(answers, [ex["answers"] for ex in feats.examples])
+
+
+# ---- config ------------------------------------------------------------------------------
+
+def finetune_config(**task):
+  """base_config('bert') with a `task` section and fine-tuning defaults.
+
+  Keys added to the base: task.type/labels/fields/QA settings/metrics, train.epochs
+  (0: run train.steps instead) and train.warmup_ratio (0: use train.warmup_steps).
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from plmjax.config import base_config  # pylint: disable=g-import-not-at-top
+
+  c = base_config("bert")
+  c.model.update(dropout_rate=0.1, attention_dropout_rate=0.1)
+  values = dict(
+      type="classification",
+      labels=("0", "1"),  # label names; an integer label is an index into them
+      text_field="text",  # tagging: the words; qa: the question
+      text_b_field="",  # second segment of pairs; qa: the context
+      label_field="label",  # tagging: one tag per word; qa: the answers
+      metrics=("accuracy",),  # classification extras: f1, matthews_corr
+      doc_stride=128,  # qa: tokens between the starts of neighbouring windows
+      max_query_len=64,  # qa: question tokens kept
+      max_answer_len=30,  # qa: longest answer span, in tokens
+      n_best=20,  # qa: start/end candidates per window
+  )
+  values.update(task)
+  values["head"] = HEADS.get(values["type"], "sequence_classification")
+  c.task = ml_collections.ConfigDict(values)
+  c.train.epochs = 3
+  c.train.warmup_ratio = 0.1
+  c.train.update(batch_size=32, learning_rate=2e-5, weight_decay=0.01, log_every_steps=50)
+  c.checkpoint.update(every_steps=1000, keep=1)
+  return c

@@ -1,0 +1,213 @@
+"""Transformer building blocks shared by BERT and GPT-2, and the precision policy.
+
+Every parameter is created here (through `dense`, `embed`, `layer_norm`), so
+the policy lives in one place: weights in `cfg.weights_dtype`, compute in
+`cfg.compute_dtype`, LayerNorm statistics in float32 (flax's default), logits in
+float32, and logical axis names on every parameter for sharding
+(plmjax/config.py DEFAULT_AXIS_RULES maps them to the mesh).
+
+Module and parameter names mirror Hugging Face's (BertLayer, GPT2Block) so that
+checkpoint conversion is a rename.
+"""
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from plmjax.models import attention
+from plmjax.models.config import ModelConfig
+
+ACT_EMBED = ("batch", "length", "act_embed")
+ACT_MLP = ("batch", "length", "act_mlp")
+
+
+def dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str,
+          stddev: float | None = None) -> nn.Dense:
+  """nn.Dense with the precision policy; kernel [in, out] named `axes`."""
+  stddev = cfg.initializer_range if stddev is None else stddev
+  return nn.Dense(
+      features, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(stddev), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
+      name=name)
+
+
+def embed(cfg: ModelConfig, num: int, axes: tuple[str, str], name: str) -> nn.Embed:
+  return nn.Embed(
+      num, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
+      embedding_init=nn.with_logical_partitioning(
+          nn.initializers.normal(cfg.initializer_range), axes),
+      name=name)
+
+
+def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+      name=name)
+
+
+def tied_logits(x_BxLxD: jax.Array, table_VxD: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """x @ table.T in the compute dtype, accumulated and returned in float32."""
+  dtype = cfg.compute_dtype
+  return jnp.einsum("...d,vd->...v", x_BxLxD.astype(dtype), table_VxD.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def maybe_remat(layer_cls, cfg: ModelConfig, static_argnums: tuple[int, ...]):
+  """Wraps a layer class in nn.remat per cfg.remat ("none", "full", "dots").
+
+  static_argnums count `self` as 0 (flax's lifted-transform convention).
+  """
+  if cfg.remat == "none":
+    return layer_cls
+  policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return nn.remat(layer_cls, policy=policy, static_argnums=static_argnums)
+
+
+def split_heads(x_BxLxD: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """BxLxD -> BxLxHxK with each head's K features contiguous (as Hugging Face)."""
+  return x_BxLxD.reshape(*x_BxLxD.shape[:-1], cfg.num_heads, cfg.head_dim)
+
+
+def merge_heads(x_BxLxHxK: jax.Array) -> jax.Array:
+  return x_BxLxHxK.reshape(*x_BxLxHxK.shape[:-2], -1)
+
+
+# --------------------------------------------------------------------- BERT
+
+
+class BertSelfAttention(nn.Module):
+  """query/key/value projections and bidirectional attention."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask, deterministic: bool):
+    cfg = self.cfg
+    q, k, v = (split_heads(dense(cfg, cfg.hidden_size, ("embed", "heads"), n)(x_BxLxD), cfg)
+               for n in ("query", "key", "value"))
+    rng = None if deterministic or cfg.attention_dropout_rate == 0 else self.make_rng("dropout")
+    out_BxLxHxK = attention.dot_product_attention(
+        q, k, v, mask, causal=False, cfg=cfg, deterministic=deterministic, dropout_rng=rng)
+    return merge_heads(out_BxLxHxK)
+
+
+class BertResidualOutput(nn.Module):
+  """dense -> dropout -> LayerNorm(x + residual): BertSelfOutput and BertOutput."""
+  cfg: ModelConfig
+  in_axis: str
+
+  @nn.compact
+  def __call__(self, x, residual_BxLxD, deterministic: bool):
+    cfg = self.cfg
+    x = dense(cfg, cfg.hidden_size, (self.in_axis, "embed"), "dense")(x)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    return layer_norm(cfg, "LayerNorm")(x + residual_BxLxD)
+
+
+class BertAttention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask, deterministic: bool):
+    h = BertSelfAttention(self.cfg, name="self")(x_BxLxD, mask, deterministic)
+    return BertResidualOutput(self.cfg, "heads", name="output")(h, x_BxLxD, deterministic)
+
+
+class BertIntermediate(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    h = dense(self.cfg, self.cfg.intermediate_size, ("embed", "mlp"), "dense")(x_BxLxD)
+    h_BxLxI = nn.with_logical_constraint(h, ACT_MLP)
+    return nn.gelu(h_BxLxI, approximate=False)
+
+
+class BertLayer(nn.Module):
+  """Post-LN encoder layer: LN(x + attn(x)), then LN(x + mlp(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask, deterministic: bool):
+    x = BertAttention(self.cfg, name="attention")(x_BxLxD, mask, deterministic)
+    h_BxLxI = BertIntermediate(self.cfg, name="intermediate")(x)
+    x = BertResidualOutput(self.cfg, "mlp", name="output")(h_BxLxI, x, deterministic)
+    return nn.with_logical_constraint(x, ACT_EMBED)
+
+
+# --------------------------------------------------------------------- GPT-2
+
+
+class GPT2Attention(nn.Module):
+  """Causal attention with fused c_attn (q, k, v) and an optional KV cache.
+
+  With decode=True and an initialised cache, the new keys/values are written at
+  the layer's `cache_index` and the queries attend over the whole cache under
+  `mask` (built by the model from the cached key mask and the query positions).
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask, deterministic: bool, decode: bool):
+    cfg = self.cfg
+    d = cfg.hidden_size
+    resid_std = cfg.initializer_range / (2 * cfg.num_layers) ** 0.5
+    qkv_BxLx3D = dense(cfg, 3 * d, ("embed", "heads"), "c_attn")(x_BxLxD)
+    q, k, v = (split_heads(qkv_BxLx3D[..., i * d:(i + 1) * d], cfg) for i in range(3))
+    causal = True
+    if decode:
+      k, v, causal = self._update_cache(k, v)
+    rng = None if deterministic or cfg.attention_dropout_rate == 0 else self.make_rng("dropout")
+    out_BxLxHxK = attention.dot_product_attention(
+        q, k, v, mask, causal=causal, cfg=cfg, deterministic=deterministic, dropout_rng=rng)
+    out = dense(cfg, d, ("heads", "embed"), "c_proj", stddev=resid_std)(merge_heads(out_BxLxHxK))
+    return nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+
+  def _update_cache(self, k_BxLxHxK, v_BxLxHxK):
+    """Appends k, v to the cache; returns (keys, values, causal) to attend over.
+
+    At the init call that creates the cache: the new k, v, causal. Afterwards: the
+    whole cache, with causality left to the model's decode mask.
+    """
+    initialised = self.has_variable("cache", "cached_key")
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BxLxHxK.shape, k_BxLxHxK.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BxLxHxK.shape, v_BxLxHxK.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not initialised:
+      # model.init(..., decode=True): the input's shape sets the cache size.
+      return k_BxLxHxK, v_BxLxHxK, True
+    start = (0, index.value, 0, 0)
+    for cached, new in ((cached_k, k_BxLxHxK), (cached_v, v_BxLxHxK)):
+      cached.value = jax.lax.dynamic_update_slice(cached.value, new.astype(cached.value.dtype),
+                                                  start)
+    index.value = index.value + k_BxLxHxK.shape[1]
+    return cached_k.value, cached_v.value, False
+
+
+class GPT2MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, deterministic: bool):
+    cfg = self.cfg
+    resid_std = cfg.initializer_range / (2 * cfg.num_layers) ** 0.5
+    h = dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "c_fc")(x_BxLxD)
+    h_BxLxI = nn.gelu(nn.with_logical_constraint(h, ACT_MLP), approximate=True)
+    out = dense(cfg, cfg.hidden_size, ("mlp", "embed"), "c_proj", stddev=resid_std)(h_BxLxI)
+    return nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+
+
+class GPT2Block(nn.Module):
+  """Pre-LN decoder block: x + attn(LN(x)), then x + mlp(LN(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask, deterministic: bool, decode: bool = False):
+    cfg = self.cfg
+    h = layer_norm(cfg, "ln_1")(x_BxLxD)
+    x = x_BxLxD + GPT2Attention(cfg, name="attn")(h, mask, deterministic, decode)
+    h = layer_norm(cfg, "ln_2")(x)
+    x = x + GPT2MLP(cfg, name="mlp")(h, deterministic)
+    return nn.with_logical_constraint(x, ACT_EMBED)

@@ -1,0 +1,228 @@
+"""BERT examples: chunks, truncation, pairs, NSP, masking statistics, packing."""
+
+import numpy as np
+import pytest
+
+from plmjax.data import sources, synthetic
+from plmjax.data import tokenizer as tk
+from plmjax.data.bert_examples import BertExamples, make_chunks, truncate_pair, truncation_counts
+from plmjax.data.bert_packing import PackedBertExamples, pack_rows
+from plmjax.data.corpus import tokenize_documents
+
+L, P = 64, 12
+
+
+_CACHE = {}  # built once per module from the function-scoped `wiki_sample` fixture
+
+
+def _once(key, make):
+  if key not in _CACHE:
+    _CACHE[key] = make()
+  return _CACHE[key]
+
+
+@pytest.fixture
+def tok(tmp_path_factory, wiki_sample):
+  def make():
+    out = str(tmp_path_factory.mktemp("tok") / "bert")
+    return tk.load_tokenizer(tk.train_tokenizer(str(wiki_sample), 800, "bpe", out,
+                                                max_sentences=2000))
+  return _once("tok", make)
+
+
+@pytest.fixture(params=["wiki", "synthetic"])
+def corpus(request, tok, wiki_sample):
+  def make():
+    if request.param == "wiki":
+      docs = sources.read_documents(str(wiki_sample))[:40]
+    else:
+      docs = [sources.text_to_segments(t) for t in synthetic.synthetic_texts(150, seed=3)]
+    return tokenize_documents(docs, tok)
+  return _once(request.param, make)
+
+
+def _original(ex):
+  ids = ex["input_ids"].copy()
+  k = ex["masked_weights"] > 0
+  ids[ex["masked_positions"][k]] = ex["masked_labels"][k]
+  return ids
+
+
+def test_truncation_counts_match_google_loop():
+  for la in range(1, 16):
+    for lb in range(1, 16):
+      for budget in range(2, 32):
+        a, b = la, lb
+        while a + b > budget:  # google-research/bert truncate_seq_pair, counting only
+          if a > b:
+            a -= 1
+          else:
+            b -= 1
+        assert truncation_counts(la, lb, budget) == (la - a, lb - b), (la, lb, budget)
+
+
+def test_truncate_pair_keeps_contiguous_pieces():
+  rng = np.random.default_rng(0)
+  a, b = np.arange(50), np.arange(100, 130)
+  front_cuts = []
+  for _ in range(200):
+    ta, tb = truncate_pair(a, b, 40, rng)
+    assert (len(ta), len(tb)) == (20, 20)  # A loses 30 (down to B's length, then alternating)
+    assert (np.diff(ta) == 1).all() and (np.diff(tb) == 1).all()
+    front_cuts.append(ta[0])
+  assert abs(np.mean(front_cuts) - 15) < 1  # each token removed from a random end
+
+
+def test_chunks_cover_each_document_once(corpus):
+  chunks = make_chunks(corpus, 61, 0.1, np.random.default_rng(0))
+  assert chunks.start[0] == 0 and chunks.end[-1] == corpus.num_tokens
+  assert (chunks.start[1:] == chunks.end[:-1]).all()
+  lengths = chunks.end - chunks.start
+  assert (lengths >= 1).all() and (lengths <= chunks.target).all() and (chunks.target <= 61).all()
+  starts = corpus.document_starts()
+  assert (starts[chunks.doc] <= chunks.start).all() and (chunks.end <= starts[chunks.doc + 1]).all()
+  assert 0.03 < np.mean(chunks.target < 61) < 0.2  # short_seq_prob
+  assert np.mean(lengths) > 0.75 * 61 * 0.9  # chunks are mostly full
+
+
+def test_pairs_layout_nsp_and_continuations(corpus, tok):
+  examples = BertExamples(corpus, tok, max_seq_len=L, max_predictions_per_seq=P, seed=1)
+  labels = []
+  for i in range(min(len(examples), 400)):
+    ex = examples.example(i, epoch=0)
+    assert {k: (v.shape, v.dtype.name) for k, v in ex.items()} == {
+        "input_ids": ((L,), "int32"), "token_type_ids": ((L,), "int32"),
+        "attention_mask": ((L,), "int32"), "masked_positions": ((P,), "int32"),
+        "masked_labels": ((P,), "int32"), "masked_weights": ((P,), "float32"),
+        "nsp_labels": ((), "int32")}
+    ids = _original(ex)
+    n = int(ex["attention_mask"].sum())
+    assert (ex["attention_mask"][:n] == 1).all() and (ids[n:] == tok.pad_id).all()
+    seps = np.flatnonzero(ids == tok.sep_id)
+    assert ids[0] == tok.cls_id and len(seps) == 2 and seps[1] == n - 1 and n <= L
+    assert (ex["token_type_ids"] == np.r_[np.zeros(seps[0] + 1), np.ones(n - seps[0] - 1),
+                                          np.zeros(L - n)]).all()
+    a, b = ids[1:seps[0]], ids[seps[0] + 1:n - 1]
+    assert len(a) >= 1 and len(b) >= 1
+    start, end = examples.chunks.start[i], examples.chunks.end[i]
+    if ex["nsp_labels"] == 0:  # B is the true continuation: A + B is the chunk
+      assert (np.concatenate([a, b]) == corpus.tokens[start:end]).all()
+    else:
+      chunk = corpus.tokens[start:end]
+      assert (a == chunk[:len(a)]).all() or len(a) < len(chunk)
+    labels.append(int(ex["nsp_labels"]))
+  assert 0.44 < np.mean(labels) < 0.56
+  # A random B is a run of another document (pairs are views into corpus.tokens).
+  doc_starts, rng = corpus.document_starts(), np.random.default_rng(0)
+  randoms = 0
+  for c in range(min(len(examples), 200)):
+    a, b, is_random = examples.make_pair(c, rng, L - 3)
+    if is_random:
+      offset = (b.ctypes.data - corpus.tokens.ctypes.data) // corpus.tokens.itemsize
+      doc = np.searchsorted(doc_starts, offset, side="right") - 1
+      assert doc != examples.chunks.doc[c] and offset + len(b) <= doc_starts[doc + 1]
+      randoms += 1
+  assert randoms > 50
+
+
+def test_examples_are_deterministic_in_seed_epoch_index(corpus, tok):
+  make = lambda seed: BertExamples(corpus, tok, max_seq_len=L, max_predictions_per_seq=P,
+                                   seed=seed)
+  a, b, c = make(0), make(0), make(1)
+  same = lambda x, y: all((x[k] == y[k]).all() for k in x)
+  assert all(same(a.example(i, 2), b.example(i, 2)) for i in range(20))
+  assert sum(same(a.example(i, 0), a.example(i, 1)) for i in range(20)) <= 2
+  assert sum(same(a.example(i, 0), c.example(i, 0)) for i in range(20)) <= 2
+
+
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_masking_statistics(tok, wiki_sample, whole_word):
+  corpus = _once("wiki_all", lambda: tokenize_documents(
+      sources.read_documents(str(wiki_sample)), tok))
+  examples = BertExamples(corpus, tok, max_seq_len=128, max_predictions_per_seq=24,
+                          whole_word_masking=whole_word, seed=5)
+  special = np.array(sorted(tok.special_ids))
+  candidates = chosen = as_mask = kept = words_masked = 0
+  for i in range(0, len(examples), max(1, len(examples) // 1500)):
+    ex = examples.example(i, epoch=3)
+    ids, w = _original(ex), ex["masked_weights"]
+    k = int(w.sum())
+    pos, lab = ex["masked_positions"], ex["masked_labels"]
+    assert (w[:k] == 1).all() and (w[k:] == 0).all()
+    assert (pos[k:] == 0).all() and (lab[k:] == 0).all()
+    assert (np.diff(pos[:k]) > 0).all() and not np.isin(lab[:k], special).any()
+    replaced = ex["input_ids"][ex["input_ids"] != ids]
+    assert not np.isin(replaced, special[special != tok.mask_id]).any()
+    changed = np.flatnonzero(ex["input_ids"] != ids)
+    assert np.isin(changed, pos[:k]).all()  # only chosen positions are altered
+    candidates += int((~np.isin(ids, special)).sum())
+    chosen += k
+    as_mask += int((ex["input_ids"][pos[:k]] == tok.mask_id).sum())
+    kept += int((ex["input_ids"][pos[:k]] == lab[:k]).sum())
+    if whole_word:
+      masked = np.zeros(128, bool)
+      masked[pos[:k]] = True
+      plain = ~np.isin(ids, special)
+      cont = np.r_[False, ~tok.is_word_start(ids[1:]) & plain[1:] & plain[:-1]]
+      # a masked continuation piece has its word's previous piece masked, and vice versa
+      assert (masked[cont] == masked[np.flatnonzero(cont) - 1]).all()
+      words_masked += int((masked & ~cont).sum())
+  if whole_word:
+    assert words_masked < 0.9 * chosen  # many masked words span several pieces
+  rate = chosen / candidates
+  print(f"whole_word={whole_word}: rate {rate:.4f}, [MASK] {as_mask / chosen:.4f}, "
+        f"kept {kept / chosen:.4f} of {chosen} predictions")
+  assert abs(rate - 0.15) < 0.01, rate
+  assert abs(as_mask / chosen - 0.8) < 0.02 and abs(kept / chosen - 0.1) < 0.02
+  assert abs((chosen - as_mask - kept) / chosen - 0.1) < 0.02
+
+
+def test_without_nsp_rows_are_single_segments(corpus, tok):
+  examples = BertExamples(corpus, tok, max_seq_len=L, max_predictions_per_seq=P, nsp=False)
+  for i in range(0, len(examples), 7):
+    ex = examples.example(i)
+    ids = _original(ex)
+    n = int(ex["attention_mask"].sum())
+    assert ids[0] == tok.cls_id and ids[n - 1] == tok.sep_id and (ids == tok.sep_id).sum() == 1
+    assert (ex["token_type_ids"] == 0).all() and ex["nsp_labels"] == 0 and ex["nsp_weights"] == 0
+    start, end = examples.chunks.start[i], examples.chunks.end[i]
+    assert (ids[1:n - 1] == corpus.tokens[start:end]).all()
+
+
+def test_pack_rows_fills_rows_within_limits():
+  sizes = np.random.default_rng(0).integers(5, 65, size=500)
+  offsets, items = pack_rows(sizes, 64, 4, np.random.default_rng(1))
+  assert sorted(items.tolist()) == list(range(500))
+  per_row = np.add.reduceat(sizes[items], offsets[:-1])
+  assert (per_row <= 64).all() and (np.diff(offsets) <= 4).all()
+  assert per_row.sum() / (64 * len(per_row)) > 0.8
+
+
+@pytest.mark.parametrize("nsp", [True, False])
+def test_packed_rows(corpus, tok, nsp):
+  s = 4
+  examples = PackedBertExamples(corpus, tok, max_seq_len=L, max_predictions_per_seq=P,
+                                max_pairs_per_row=s, short_seq_prob=0.5, nsp=nsp, seed=2)
+  assert len(examples) < len(examples.chunks)  # short pairs share rows
+  assert sorted(examples.row_items.tolist()) == list(range(len(examples.chunks)))
+  labels = []
+  for i in range(min(len(examples), 250)):
+    ex = examples.example(i, epoch=1)
+    ids, seg, pos = _original(ex), ex["segment_ids"], ex["position_ids"]
+    k = int(seg.max())
+    n = int((seg > 0).sum())
+    assert (seg[:n] > 0).all() and (seg[n:] == 0).all() and (np.diff(seg[:n]) >= 0).all()
+    assert (ex["attention_mask"] == (seg > 0)).all() and (ids[n:] == tok.pad_id).all()
+    assert (ex["nsp_weights"] == np.r_[np.full(k, float(nsp)), np.zeros(s - k)]).all()
+    for j in range(1, k + 1):
+      where = np.flatnonzero(seg == j)
+      assert ex["cls_positions"][j - 1] == where[0] and ids[where[0]] == tok.cls_id
+      assert (pos[where] == np.arange(len(where))).all()
+      assert (ids[where] == tok.sep_id).sum() == (2 if nsp else 1) and ids[where[-1]] == tok.sep_id
+      types = ex["token_type_ids"][where]
+      assert types[0] == 0 and (np.diff(types) >= 0).all() and (nsp or not types.any())
+    labels += ex["nsp_labels"][:k].tolist()
+    w = ex["masked_weights"] > 0
+    assert (seg[ex["masked_positions"][w]] > 0).all()
+  if nsp:
+    assert 0.4 < np.mean(labels) < 0.6
