@@ -25,7 +25,7 @@ DEFAULT_AXIS_RULES = (
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
+    ("act_vocab", None),
     ("vocab", None),  # GPT-2's 50257 rows do not split evenly
     ("embed_out", None),
     ("embed", "fsdp"),
