@@ -33,6 +33,18 @@ def tiny_config(arch: str, vocab_size: int = 97, **kw) -> ModelConfig:
   return ModelConfig(**values)
 
 
+def random_config(arch: str, seed: int) -> ModelConfig:
+  """A small config with sizes drawn at random (seeded), to catch size-specific mix-ups."""
+  rng = np.random.default_rng(seed)
+  heads = int(rng.choice([2, 4]))
+  return tiny_config(
+      arch, vocab_size=int(rng.integers(50, 300)), hidden_size=heads * int(rng.choice([4, 8, 12])),
+      num_layers=int(rng.integers(1, 4)), num_heads=heads,
+      intermediate_size=int(rng.choice([24, 40, 64])),
+      max_position_embeddings=int(rng.choice([16, 24, 40])),
+      type_vocab_size=int(rng.choice([2, 3])), num_labels=int(rng.integers(2, 6)))
+
+
 def random_params(cfg: ModelConfig, head: str, seed: int = 0):
   """Initialised params with every leaf perturbed (non-zero biases, LayerNorm scales != 1)."""
   model = build_model(cfg, head)

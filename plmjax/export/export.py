@@ -29,7 +29,8 @@ class ExportError(UserError):
 
 
 def add_arguments(parser):
-  parser.add_argument("--workdir", required=True, help="plmjax workdir (pretrain/finetune/import-hf)")
+  parser.add_argument("--workdir", required=True,
+                      help="plmjax workdir (from pretrain, finetune or import-hf)")
   parser.add_argument("--out", required=True, help="directory to write the Hugging Face model to")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   parser.add_argument("--dtype", default="float32", help="weight dtype: float32 (default), "

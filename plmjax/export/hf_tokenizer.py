@@ -220,9 +220,11 @@ def write_hf_tokenizer(tokenizer_dir: str, out_dir: str, *, kind: str,
         written.append(name)
   else:
     tokenizer = load_hf_tokenizer_dir(tokenizer_dir, kind)
-  tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-  for name, value in (("tokenizer_config.json", tokenizer_config(tokenizer, kind, model_max_length)),
-                      ("special_tokens_map.json", special_tokens_map(tokenizer, kind))):
+  if "tokenizer.json" not in written:
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+  generated = {"tokenizer_config.json": tokenizer_config(tokenizer, kind, model_max_length),
+               "special_tokens_map.json": special_tokens_map(tokenizer, kind)}
+  for name, value in generated.items():
     if name not in written:
       _write_json(os.path.join(out_dir, name), value)
   return sorted(set(written) | {"tokenizer.json", "tokenizer_config.json",
