@@ -1,7 +1,7 @@
 """BERT-base (110M): 12 layers, hidden 768, 12 heads, seq 128 phase of Devlin et al.
 
 Run on a TPU VM or GPU node (bfloat16 compute, float32 master weights):
-  plmjax pretrain --config configs/bert_base.py --workdir gs://BUCKET/bert_base \
+  plmjax pretrain --config configs/bert_base.py --workdir /mnt/BUCKET/bert_base \
       --config.data.train='tfds:wikipedia/20230601.en:train' --config.data.tokenizer=spm.model
 
 Expect: MLM accuracy around 60-65% and NSP accuracy above 95% after the full run

@@ -1,7 +1,7 @@
 """BERT-large (340M): 24 layers, hidden 1024, 16 heads, seq 512.
 
 Run on a TPU VM pod slice or GPU nodes, FSDP over 8 devices:
-  plmjax pretrain --config configs/bert_large.py --workdir gs://BUCKET/bert_large \
+  plmjax pretrain --config configs/bert_large.py --workdir /mnt/BUCKET/bert_large \
       --config.data.train='tfds:wikipedia/20230601.en:train' --config.data.tokenizer=spm.model \
       --config.mesh.fsdp=8
 

@@ -1,7 +1,7 @@
 """GPT-2 medium (350M): 24 layers, hidden 1024, 16 heads, seq 1024, bfloat16, FSDP.
 
 Run:
-  plmjax pretrain --config configs/gpt2_medium.py --workdir gs://BUCKET/gpt2_medium \
+  plmjax pretrain --config configs/gpt2_medium.py --workdir /mnt/BUCKET/gpt2_medium \
       --config.data.train='tfds:openwebtext:train' --config.data.tokenizer=spm.model \
       --config.mesh.fsdp=8
 

@@ -1,7 +1,7 @@
 """GPT-2 small (124M): 12 layers, hidden 768, seq 1024, bfloat16.
 
 Run:
-  plmjax pretrain --config configs/gpt2_small.py --workdir gs://BUCKET/gpt2_small \
+  plmjax pretrain --config configs/gpt2_small.py --workdir /mnt/BUCKET/gpt2_small \
       --config.data.train='tfds:openwebtext:train' --config.data.tokenizer=spm.model
 
 Expect: validation loss near 3.3 after ~10B tokens (nanoGPT's figure for OpenWebText).

@@ -4,7 +4,7 @@
   python launch/tpu_vm.py create --name my-tpu --zone us-central2-b --accelerator-type v4-32
   python launch/tpu_vm.py setup  --name my-tpu --zone us-central2-b        # copies this checkout
   python launch/tpu_vm.py run    --name my-tpu --zone us-central2-b \\
-      --config configs/bert_base.py --workdir gs://MY_BUCKET/runs/bert --config.train.steps=1000
+      --config configs/bert_base.py --workdir /mnt/MY_BUCKET/runs/bert --config.train.steps=1000
   python launch/tpu_vm.py logs   --name my-tpu --zone us-central2-b
   python launch/tpu_vm.py stop   --name my-tpu --zone us-central2-b        # ends the run
   python launch/tpu_vm.py delete --name my-tpu --zone us-central2-b        # deletes the TPU
@@ -13,8 +13,9 @@ Every subcommand takes --dry-run (print the exact commands, run nothing) and --p
 `create --spot` asks for Spot capacity; `--queued` goes through a queued resource (then
 pass --queued to `status` and `delete` too). The run is started detached on every
 worker (`--worker=all`), so closing the terminal does not stop it; its output goes to
-~/plmjax-run.log on each worker and `logs` follows worker 0's. Use gs:// paths for
---workdir and tfds data: every worker must see the same checkpoints.
+~/plmjax-run.log on each worker and `logs` follows worker 0's. --workdir must be a path
+every worker sees: a bucket mounted with Cloud Storage FUSE at the same place on each
+worker (a bare gs:// workdir is not supported yet); tfds data may be on gs://.
 """
 
 import argparse
@@ -144,9 +145,10 @@ def stop_command() -> str:
 
 
 def run(ns, runner: Runner):
-  if ns.workdir and not ns.workdir.startswith("gs://"):
-    print(f"warning: --workdir {ns.workdir} is not a gs:// path; on a multi-host TPU every "
-          "worker needs the same checkpoint directory", file=sys.stderr)
+  if ns.workdir.startswith("gs://"):
+    print(f"warning: --workdir {ns.workdir}: plmjax writes config.json, metrics.jsonl and the "
+          "tokenizer with plain file I/O; mount the bucket with gcsfuse on every worker and "
+          "pass the mounted path", file=sys.stderr)
   runner.run(ssh(ns, run_command(ns)))
   if ns.follow:
     logs(ns, runner)
@@ -212,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("run", parents=[common], help="start plmjax on every worker")
   p.add_argument("--command", default="pretrain", help="plmjax subcommand (default pretrain)")
   p.add_argument("--config", default="", help="config file, relative to the code directory")
-  p.add_argument("--workdir", default="", help="gs://BUCKET/path for checkpoints and metrics")
+  p.add_argument("--workdir", default="", help="a path every worker sees, e.g. a gcsfuse mount /mnt/BUCKET/run")
   p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                  help="environment variable for the run (repeatable)")
   p.add_argument("--no-follow", dest="follow", action="store_false",

@@ -221,7 +221,7 @@ def test_tpu_setup_from_git(fake):
 
 
 def test_tpu_run_starts_on_all_workers_and_follows(fake):
-  args = ["run", *TPU, "--config", "configs/bert_base.py", "--workdir", "gs://bkt/runs/b",
+  args = ["run", *TPU, "--config", "configs/bert_base.py", "--workdir", "/mnt/bkt/runs/b",
           "--config.train.steps=100", "--env", "GREETING=hi there", "--", "--debug"]
   dry = dry_lines(run_script(fake, "tpu_vm.py", "run", "--dry-run", *args[1:]))
   assert fake.records() == []
@@ -235,8 +235,9 @@ def test_tpu_run_starts_on_all_workers_and_follows(fake):
   no_follow = dry_lines(run_script(fake, "tpu_vm.py", "run", "--no-follow", "--dry-run",
                                    *args[1:]))
   assert no_follow == [start]
-  local = run_script(fake, "tpu_vm.py", "run", *TPU, "--workdir", "/tmp/x", "--dry-run")
-  assert "is not a gs:// path" in local.stderr
+  assert "warning" not in run_script(fake, "tpu_vm.py", "run", "--dry-run", *args[1:]).stderr
+  bare = run_script(fake, "tpu_vm.py", "run", *TPU, "--workdir", "gs://bkt/x", "--dry-run")
+  assert "mount the bucket with gcsfuse" in bare.stderr
 
 
 def _sandbox_worker(tmp_path):
