@@ -8,8 +8,9 @@
   plmjax predict   --workdir DIR --input FILE
   plmjax generate  --workdir DIR --prompt TEXT [--max-new-tokens N ...]
 
-Errors caused by input (plmjax.errors.UserError) print one line on stderr and exit 2;
-`--debug` shows the traceback.
+Errors caused by input (plmjax.errors.UserError, bad command lines, OSErrors such as a
+missing or unwritable path) print one line on stderr and exit 2; `--debug` shows the
+traceback. Any other exception is a bug and shows its traceback.
 """
 
 import argparse
@@ -30,8 +31,15 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+  """Reports command-line mistakes as a UserError: one line, like every input error."""
+
+  def error(self, message):
+    raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser(argv):
-  parser = argparse.ArgumentParser(prog="plmjax", description=__doc__.split("\n")[0])
+  parser = _Parser(prog="plmjax", description=__doc__.split("\n")[0])
   parser.add_argument("--debug", action="store_true", help="show tracebacks")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
   # Import only the module of the command being run (jax imports are slow).
@@ -59,11 +67,20 @@ def main(argv=None):
   except UserError as e:
     if debug:
       raise
-    print(f"plmjax: error: {e}", file=sys.stderr)
+    print(f"plmjax: error: {_one_line(e)}", file=sys.stderr)
+    return 2
+  except OSError as e:  # the environment, not plmjax: a path that is missing, unwritable, ...
+    if debug:
+      raise
+    print(f"plmjax: error: {_one_line(e)} (--debug shows the traceback)", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print("plmjax: interrupted", file=sys.stderr)
     return 130
+
+
+def _one_line(e: Exception) -> str:
+  return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -10,10 +10,13 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 crash mid-save never leaves a checkpoint that `latest_step` would pick.
 """
 
+import gc
 import json
 import logging
 import os
 import shutil
+import sys
+import time
 
 import jax
 import ml_collections
@@ -40,18 +43,39 @@ def tokenizer_subdir(workdir: str) -> str:
 
 def manager(workdir: str, *, keep: int = 3, async_save: bool = True,
             read_only: bool = False) -> ocp.CheckpointManager:
+  # Read-only managers get the option values orbax would force, so it has nothing to
+  # warn about on stderr (the CLI's errors are meant to be the only line there).
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
-      create=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+      max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+      enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
+  absl_log = logging.getLogger("absl")
+  absl_log.addFilter(_drop_read_only_notice)
+  try:
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+  finally:
+    absl_log.removeFilter(_drop_read_only_notice)
+
+
+def _drop_read_only_notice(record: logging.LogRecord) -> bool:
+  return not record.getMessage().startswith("Given directory is read only")
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Steps of the complete checkpoints in DIR/checkpoints (no manager needed)."""
+  return sorted(ocp.utils.checkpoint_steps(checkpoint_dir(workdir)))
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict):
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
+  text = config.to_json(indent=2)
+  if os.path.isfile(path):
+    with open(path) as f:
+      if f.read() == text:
+        return  # a resumed run leaves its workdir as it found it
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    f.write(config.to_json(indent=2))
+    f.write(text)
   os.replace(tmp, path)
 
 
@@ -81,13 +105,22 @@ def check_same_model(workdir: str, config: ml_collections.ConfigDict):
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     return
-  old = read_config(workdir).model
+  old_config = read_config(workdir)
+  old = old_config.model
   diffs = [f"model.{k}: workdir has {old.get(k)!r}, this run has {config.model.get(k)!r}"
            for k in SHAPE_KEYS if old.get(k) != config.model.get(k)]
-  if diffs and manager(workdir, read_only=True).latest_step() is not None:
+  old_head, head = _head(old_config), _head(config)
+  if old_head != head:  # another head is another parameter tree
+    diffs.append(f"task.head: workdir has {old_head!r}, this run has {head!r}")
+  if diffs and checkpoint_steps(workdir):
     raise CheckpointError(
         f"workdir {workdir!r} holds checkpoints of another model ({'; '.join(diffs)}); "
         "use a new --workdir, or the same model settings to resume")
+
+
+def _head(config) -> str | None:
+  task = config.get("task")
+  return task.get("head") if task is not None else None
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict):
@@ -100,7 +133,7 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict):
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state):
   """Restores the full train state onto the shardings of the abstract trees."""
-  restored = mngr.restore(step, args=ocp.args.Composite(
+  restored = _restore_quietly(mngr, step, ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract_params),
       opt_state=ocp.args.StandardRestore(abstract_opt_state),
       meta=ocp.args.JsonRestore()))
@@ -110,43 +143,148 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_params, abstract_op
   return restored["params"], opt_state, restored["meta"]
 
 
+class _AbandonedReads:
+  """Keeps a failed restore's aftermath off stderr.
+
+  When one array of a restore cannot be read, orbax abandons the others; as they finish,
+  their coroutines and callbacks report errors of their own (event loop closed, exception
+  never retrieved) through sys.unraisablehook, sys.excepthook and the asyncio logger:
+  hundreds of lines that add nothing to the first error. They are dropped while a
+  restore runs and, after a failure, until they stop coming.
+  """
+
+  def __enter__(self):
+    self.dropped = 0
+    self._old = (sys.unraisablehook, sys.excepthook)
+    sys.unraisablehook = self._drop
+    sys.excepthook = self._drop
+    self._asyncio_log = logging.getLogger("asyncio")
+    self._asyncio_was_disabled = self._asyncio_log.disabled
+    self._asyncio_log.disabled = True
+    return self
+
+  def _drop(self, *unused):
+    self.dropped += 1
+
+  def settle(self, quiet_s: float = 0.3, limit_s: float = 5.0):
+    """Waits until no report came for `quiet_s` (at most `limit_s`)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+      before = self.dropped
+      gc.collect()  # abandoned coroutines report when they are finalised
+      time.sleep(quiet_s)
+      if self.dropped == before:
+        return
+
+  def __exit__(self, *exc):
+    sys.unraisablehook, sys.excepthook = self._old
+    self._asyncio_log.disabled = self._asyncio_was_disabled
+
+
+class _Unreadable(Exception):
+  """A restore failed; the message is `describe_error` of what orbax raised."""
+
+
+def _restore_quietly(mngr, step, args):
+  """mngr.restore, raising _Unreadable (without orbax's traceback) when it fails."""
+  with _AbandonedReads() as aftermath:
+    try:
+      return mngr.restore(step, args=args)
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+      reason = describe_error(e)
+    # Out of the except block the traceback, and the abandoned reads it holds, can be
+    # collected: settle() finalises them while their reports are still dropped.
+    aftermath.settle()
+  raise _Unreadable(reason)
+
+
+def describe_error(e: BaseException, limit: int = 300) -> str:
+  """One line for a (chained) orbax/tensorstore error: the root cause says what broke."""
+  root = e
+  while root.__cause__ is not None or (root.__context__ is not None
+                                       and not root.__suppress_context__):
+    root = root.__cause__ or root.__context__
+  text = (str(root).strip().splitlines() or [""])[0]
+  text = text.split(" See full TensorStore details")[0]
+  if len(text) > limit:
+    text = text[:limit] + "..."
+  return f"{type(root).__name__}: {text}" if text else type(root).__name__
+
+
+def unreadable_dir(mngr: ocp.CheckpointManager):
+  """Where unreadable checkpoints are moved: beside checkpoints/, not inside it (orbax
+  would take any NAME_STEP directory there for a checkpoint)."""
+  return mngr.directory.parent / "unreadable_checkpoints"
+
+
 def restore_latest_readable(mngr, abstract_params, abstract_opt_state, log=logging.warning):
   """Newest checkpoint that restores; unreadable ones are skipped with a warning.
 
-  Returns (step, params, opt_state, meta) or None when there is no checkpoint.
-  Raises CheckpointError when checkpoints exist but none can be read.
+  Unreadable checkpoints newer than the one restored are moved to
+  DIR/unreadable_checkpoints/ (kept for inspection) so that training can write
+  those steps again. Returns (step, params, opt_state, meta) or None when there is
+  no checkpoint. Raises CheckpointError when checkpoints exist but none can be read.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
   failures = []
   for i, step in enumerate(steps):
     try:
       params, opt_state, meta = restore(mngr, step, abstract_params, abstract_opt_state)
-    except Exception as e:  # orbax/tensorstore raise many types for damaged files
-      failures.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    except _Unreadable as e:
+      failures.append(f"step {step} ({mngr.directory / str(step)}) is unreadable ({e})")
       older = steps[i + 1] if i + 1 < len(steps) else None
-      log(f"checkpoint at step {step} in {mngr.directory} is unreadable "
-          f"({failures[-1]}); " + (f"falling back to step {older}" if older is not None
-                                   else "no older checkpoint"))
+      log(f"checkpoint {failures[-1]}; " + (
+          f"falling back to the previous one, step {older} ({mngr.directory / str(older)})"
+          if older is not None else "no older checkpoint"))
       continue
+    if failures:
+      _set_aside(mngr, steps[:i], log)
     return step, params, opt_state, meta
   if failures:
-    raise CheckpointError(f"no readable checkpoint in {mngr.directory}: " + " | ".join(failures)
-                          + ". Move the directory away to start from scratch.")
+    raise CheckpointError(
+        f"no readable checkpoint in {mngr.directory}: " + " | ".join(failures)
+        + f". Move {mngr.directory} away to start from scratch.")
   return None
+
+
+def _set_aside(mngr, steps, log):
+  """Moves the checkpoints of `steps` out of the manager's directory."""
+  if jax.process_index() == 0:
+    dest_root = unreadable_dir(mngr)
+    dest_root.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      src, dest = mngr.directory / str(step), dest_root / str(step)
+      if dest.exists():  # an earlier fallback kept one of the same step
+        dest = dest_root / f"{step}-{len(list(dest_root.iterdir()))}"
+      src.rename(dest)
+      log(f"moved the unreadable checkpoint {src} to {dest}")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("plmjax_set_aside_checkpoints")
+  mngr.reload()
 
 
 def load_params(workdir: str, step: int | None = None):
   """Parameters (host numpy arrays) of the checkpoint at `step` (default: latest)."""
-  mngr = manager(workdir, read_only=True)
-  steps = mngr.all_steps()
+  steps = checkpoint_steps(workdir)
   if not steps:
     raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}")
   if step is None:
     step = max(steps)
   elif step not in steps:
     raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; "
-                          f"available steps: {sorted(steps)}")
-  restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+                          f"available steps: {steps}")
+  mngr = manager(workdir, read_only=True)
+  try:
+    restored = _restore_quietly(mngr, step,
+                                ocp.args.Composite(params=ocp.args.StandardRestore()))
+  except _Unreadable as e:
+    others = [s for s in steps if s != step]
+    raise CheckpointError(
+        f"checkpoint step {step} ({mngr.directory / str(step)}) is unreadable ({e})"
+        + (f"; choose another with --step (available: {others})" if others else "")) from None
+  finally:
+    mngr.close()
   params = jax.tree.map(np.asarray, restored["params"])
   return params, step
 

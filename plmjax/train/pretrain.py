@@ -2,18 +2,22 @@
 
   plmjax pretrain --config configs/bert_tiny.py --workdir runs/bert_tiny [--config.a.b=V ...]
 
-Starting again with the same workdir resumes from its newest checkpoint.
+Starting again with the same workdir resumes from its newest checkpoint. Bad input
+(config, data, tokenizer, workdir) is reported before anything in the workdir is written.
 """
 
+import difflib
 import os
 import shutil
+import traceback
 
 import jax
+import ml_collections
 
 from plmjax import config as config_lib
 from plmjax.data import pipeline, sources
 from plmjax.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
-from plmjax.errors import UserError
+from plmjax.errors import CheckpointError, ConfigError, UserError
 from plmjax.models import build_model
 from plmjax.train import checkpoint, distributed
 from plmjax.train.flops import flops_per_token
@@ -29,8 +33,7 @@ def add_arguments(parser):
 
 
 def main(args, overrides):
-  config = config_lib.load_config_file(args.config)
-  config_lib.apply_overrides(config, overrides)
+  config = load_config(args.config, overrides)
   distributed.initialize_from_env()
   result = run(config, args.workdir)
   if result.stopped_by:
@@ -38,22 +41,73 @@ def main(args, overrides):
   return 0
 
 
+def load_config(path: str, overrides) -> ml_collections.ConfigDict:
+  """The config file plus overrides; any error in the file becomes one ConfigError line."""
+  try:
+    config = config_lib.load_config_file(path)
+  except UserError:
+    raise
+  except Exception as e:  # the user's Python: SyntaxError, ml_collections' TypeError, ...
+    raise ConfigError(f"config file {path}{_line_in(path, e)}: {type(e).__name__}: "
+                      f"{str(e).strip()}") from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"get_config() in {path} returned {type(config).__name__}, not an "
+                      "ml_collections.ConfigDict; start from plmjax.config.base_config()")
+  check_config_keys(config)
+  config_lib.apply_overrides(config, overrides)
+  return config
+
+
+def _line_in(path: str, e: Exception) -> str:
+  if isinstance(e, SyntaxError) and e.lineno:
+    return f", line {e.lineno}"
+  frames = [f for f in traceback.extract_tb(e.__traceback__)
+            if os.path.abspath(f.filename) == os.path.abspath(path)]
+  return f", line {frames[-1].lineno}" if frames else ""
+
+
+def check_config_keys(config: ml_collections.ConfigDict):
+  """Every key must be one of base_config()'s: a config file can add a misspelt key
+  (c.train.stepz = 5) without ml_collections noticing."""
+  arch = config.get("model", {}).get("arch", "bert")
+  problems = []
+
+  def walk(node, ref, prefix):
+    for key in node.keys():
+      if key not in ref:
+        close = difflib.get_close_matches(key, list(ref.keys()), n=1)
+        hint = f" (did you mean config.{prefix}{close[0]}?)" if close else ""
+        problems.append(f"unknown config key config.{prefix}{key}{hint}")
+      elif isinstance(ref[key], ml_collections.ConfigDict):
+        if isinstance(node[key], ml_collections.ConfigDict):
+          walk(node[key], ref[key], f"{prefix}{key}.")
+        else:
+          problems.append(f"config.{prefix}{key} must be a section, not {node[key]!r}")
+    missing = [k for k in ref.keys() if k not in node]
+    if missing:
+      problems.append(f"config.{prefix.rstrip('.') or '(top)'} lacks "
+                      f"{', '.join(prefix + k for k in missing)}")
+
+  walk(config, config_lib.base_config(arch), "")
+  if problems:
+    raise ConfigError("; ".join(problems) + "; plmjax/config.py base_config() lists every key "
+                      "(config files start from it)")
+
+
 def prepare_tokenizer(config, workdir: str):
-  """The run's tokenizer, kept in DIR/tokenizer/: given, already there, or trained."""
+  """The run's tokenizer: given, already in DIR/tokenizer/, or trained into it."""
   dst = checkpoint.tokenizer_subdir(workdir)
   arch = config.model.arch
   if config.data.tokenizer:
-    tok = load_tokenizer(config.data.tokenizer)
-    if jax.process_index() == 0 and not os.path.isdir(dst):
-      tok.save(dst)
-    return tok
+    return load_tokenizer(config.data.tokenizer)  # copied into the workdir by `run`
   if os.path.isdir(dst) and os.listdir(dst):
     return load_tokenizer(dst)
   prefix = os.path.join(dst, "tokenizer")
   if jax.process_index() == 0:
     print(f"plmjax: training a {config.data.tokenizer_model_type} tokenizer "
           f"(vocab {config.model.vocab_size}) on {config.data.train} -> {prefix}.model", flush=True)
-    docs = sources.read_documents(config.data.train, tfds_data_dir=config.data.tfds_data_dir or None)
+    docs = sources.read_documents(config.data.train,
+                                  tfds_data_dir=config.data.tfds_data_dir or None)
     tmp = dst + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -71,17 +125,21 @@ def _sync(name: str):
 
 
 def run(config, workdir: str):
-  """Pretrains (or resumes) in `workdir`; returns the Trainer's Result."""
+  """Pretrains (or resumes) in `workdir`; returns the Trainer's Result.
+
+  Config, workdir, tokenizer and data are all checked before the workdir is written
+  (a tokenizer trained for a new workdir is the one exception: it only adds files).
+  """
+  check_config_keys(config)
   model_cfg = config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise CheckpointError(f"--workdir {workdir} exists and is not a directory")
   checkpoint.check_same_model(workdir, config)
   if not config.data.train:
     raise UserError("config.data.train is empty; set it to a file glob, "
                     "tfds:NAME[/CONFIG]:SPLIT or builtin:python-docs")
   tokenizer = prepare_tokenizer(config, workdir)
   check_vocab(tokenizer, model_cfg.vocab_size)
-  if jax.process_index() == 0:
-    checkpoint.write_config(workdir, config)
 
   n_proc, proc = jax.process_count(), jax.process_index()
   local_batch = config.train.batch_size // n_proc
@@ -94,13 +152,6 @@ def run(config, workdir: str):
   first_state = train_iter.get_state()
   example = next(train_iter)
   train_iter.set_state(first_state)
-
-  seq_len = config.data.max_seq_len
-  masked = config.data.max_predictions_per_seq if model_cfg.arch == "bert" else None
-  model = build_model(model_cfg, config.task.head)
-  trainer = Trainer(config, workdir, model, PRETRAINING[model_cfg.arch], example,
-                    flops_per_token=flops_per_token(model_cfg, seq_len, masked),
-                    tokens_per_example=seq_len)
   make_eval = None
   if config.data.eval:  # tokenised once; every evaluation replays the same batches
     eval_iter = make_iter("eval")
@@ -109,4 +160,18 @@ def run(config, workdir: str):
     def make_eval():
       eval_iter.set_state(eval_start)
       return eval_iter
+
+  seq_len = config.data.max_seq_len
+  masked = config.data.max_predictions_per_seq if model_cfg.arch == "bert" else None
+  model = build_model(model_cfg, config.task.head)
+  trainer = Trainer(config, workdir, model, PRETRAINING[model_cfg.arch], example,
+                    flops_per_token=flops_per_token(model_cfg, seq_len, masked),
+                    tokens_per_example=seq_len)  # checks mesh and batch: still nothing written
+
+  if proc == 0:
+    os.makedirs(workdir, exist_ok=True)
+    dst = checkpoint.tokenizer_subdir(workdir)
+    if config.data.tokenizer and not os.path.isdir(dst):
+      tokenizer.save(dst)
+    checkpoint.write_config(workdir, config)
   return trainer.fit(train_iter, make_eval)

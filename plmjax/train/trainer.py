@@ -7,8 +7,10 @@ logging, signals); the step itself is the pure function of plmjax.train.step.
 import dataclasses
 import json
 import logging
+import os
 import queue
 import signal
+import sys
 import threading
 import time
 from typing import Callable, Iterator
@@ -30,6 +32,10 @@ from plmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from plmjax.train.step import make_eval_step, make_train_step, model_inputs
 
 log = logging.getLogger("plmjax")
+
+# Test hook (tests/test_reliability.py): after this step the loop prints a line and waits
+# (up to a minute) for a signal, so a test can preempt or kill a run at a chosen step.
+PAUSE_ENV = "PLMJAX_TEST_PAUSE_AFTER_STEP"
 
 
 class NonFiniteError(UserError):
@@ -92,13 +98,18 @@ class _Signals:
 
   def _handle(self, signum, frame):
     if self.received is not None:
-      # Orbax commits a checkpoint by renaming its directory, so the last complete
-      # one stays intact whatever is interrupted here.
-      print(f"\nplmjax: second {signal.Signals(signum).name}: exiting now", flush=True)
-      raise SystemExit(128 + signum)
+      # Orbax commits a checkpoint by renaming its temporary directory, so the last
+      # complete one stays intact whatever this cuts short (a save in flight is left
+      # as a temporary directory that is never restored). os._exit, not SystemExit:
+      # nothing may wait on the threads of a half-done save.
+      print(f"\nplmjax: second {signal.Signals(signum).name}: exiting now; the last "
+            "complete checkpoint is kept", file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      os._exit(128 + signum)
     self.received = signum
     print(f"\nplmjax: {signal.Signals(signum).name} received: finishing the step, "
-          "saving a checkpoint, then exiting (send again to exit at once)", flush=True)
+          "saving a checkpoint, then exiting (send again to exit at once)", file=sys.stderr,
+          flush=True)
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
@@ -124,6 +135,90 @@ def _abstract(tree):
 
 def _add(acc, new):
   return new if acc is None else jax.tree.map(jnp.add, acc, new)
+
+
+def _count_nonfinite(c: dict, step, metrics: dict, limit: int, skip: bool):
+  """One step of the non-finite counters (jitted: one dispatch per step, no host sync)."""
+  metrics = dict(metrics)
+  finite = metrics.pop("finite")
+  new_bad = (c["first_bad"] < 0) & ~finite
+  in_a_row = jnp.where(finite, 0, c["in_a_row"] + 1)
+  c = dict(first_bad=jnp.where(new_bad, step, c["first_bad"]),
+           loss_was_finite=jnp.where(new_bad, jnp.isfinite(metrics["loss"]),
+                                     c["loss_was_finite"]),
+           in_a_row=in_a_row, skipped=c["skipped"] + (~finite).astype(jnp.int32),
+           limit_at=jnp.where((c["limit_at"] < 0) & (in_a_row >= limit), step, c["limit_at"]))
+  if skip:  # the skipped update's loss sums would poison the logged averages
+    metrics = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), metrics)
+  return c, metrics
+
+
+_count_nonfinite = jax.jit(_count_nonfinite, static_argnums=(3, 4))
+
+
+class _NonFiniteWatch:
+  """Counts non-finite updates; `check` (at log and checkpoint steps, the host syncs)
+  raises NonFiniteError when training must stop, before anything is saved.
+
+  nonfinite=stop: stop at the first non-finite loss or gradient norm.
+  nonfinite=skip: the step already kept the old state; stop after
+  max_nonfinite_in_a_row such updates in a row. Counts survive a resume (meta).
+  """
+
+  def __init__(self, tcfg, meta: dict | None):
+    meta = meta or {}
+    self.mode, self.limit = tcfg.nonfinite, tcfg.max_nonfinite_in_a_row
+    self._c = dict(first_bad=np.int32(-1), loss_was_finite=np.bool_(False),
+                   in_a_row=np.int32(meta.get("nonfinite_in_a_row", 0)), skipped=np.int32(0),
+                   limit_at=np.int32(-1))
+    self._skipped_before = int(meta.get("nonfinite_skipped", 0))
+    self._skipped_at_log = 0
+
+  def update(self, step: int, metrics: dict) -> dict:
+    self._c, metrics = _count_nonfinite(self._c, np.int32(step), metrics, self.limit,
+                                        self.mode == "skip")
+    return metrics
+
+  def skipped_since_log(self) -> int:
+    now = int(self._c["skipped"])
+    since, self._skipped_at_log = now - self._skipped_at_log, now
+    return since
+
+  def skipped_total(self) -> int:
+    return self._skipped_before + int(self._c["skipped"])
+
+  def counters(self) -> dict:
+    return dict(nonfinite_skipped=self.skipped_total(),
+                nonfinite_in_a_row=int(self._c["in_a_row"]))
+
+  def check(self, step: int, mngr):
+    c = jax.device_get(self._c)
+    bad, limit_at = int(c["first_bad"]), int(c["limit_at"])
+    if bad < 0 or (self.mode == "skip" and limit_at < 0):
+      return
+    metric = "gradient norm (grad_norm)" if c["loss_was_finite"] else "loss"
+    mngr.wait_until_finished()
+    newest = mngr.latest_step()
+    kept = (f"the newest checkpoint is step {newest}" if newest is not None
+            else "there is no checkpoint")
+    if self.mode == "stop":
+      raise NonFiniteError(
+          f"non-finite {metric} at step {bad}; stopped at step {step} without writing a new "
+          f"checkpoint ({kept}). Lower the learning rate, or set config.train.nonfinite=skip "
+          "to skip such updates")
+    raise NonFiniteError(
+        f"{self.limit} non-finite update(s) in a row up to step {limit_at} (limit "
+        f"config.train.max_nonfinite_in_a_row={self.limit}; the first non-finite {metric} "
+        f"was at step {bad}); stopped at step {step} without writing a new checkpoint ({kept})")
+
+
+def _pause_for_test(step: int, mngr, signals: "_Signals"):
+  """The PAUSE_ENV test hook: the checkpoints so far are complete while it waits."""
+  mngr.wait_until_finished()
+  print(f"plmjax: test hook {PAUSE_ENV}: paused after step {step}", flush=True)
+  deadline = time.monotonic() + 60
+  while signals.received is None and time.monotonic() < deadline:
+    time.sleep(0.01)
 
 
 class Trainer:
@@ -192,7 +287,7 @@ class Trainer:
     """Restores the newest readable checkpoint into self.state; returns its meta."""
     found = checkpoint.restore_latest_readable(
         mngr, _abstract(self.state["params"]), _abstract(self.state["opt_state"]),
-        log=lambda msg: print(f"plmjax: warning: {msg}", flush=True))
+        log=lambda msg: print(f"plmjax: warning: {msg}", file=sys.stderr, flush=True))
     if found is None:
       return None
     step, params, opt_state, meta = found
@@ -248,93 +343,77 @@ class Trainer:
     prefetch = _Prefetch(train_iter, cfg.data.prefetch)
     data_state = train_iter.get_state()
     step, acc, train_metrics, eval_metrics = start, None, {}, {}
-    in_a_row = max_in_a_row = jnp.int32(0)
-    first_bad = jnp.int32(-1)
-    skipped = jnp.int32(0)
+    watch = _NonFiniteWatch(tcfg, meta)
     t_log, steps_since_log = time.perf_counter(), 0
     bar = tqdm(total=tcfg.steps, initial=start, disable=not self.is_main, desc="pretrain",
                unit="step", dynamic_ncols=True, mininterval=1.0)
     stopped_by = None
+    pause_after = int(os.environ.get(PAUSE_ENV, "-1"))
 
-    def check_finite(at_step):
-      nonlocal first_bad
-      bad, run = int(first_bad), int(max_in_a_row)
-      if bad < 0:
-        return
-      if tcfg.nonfinite == "stop" or run >= tcfg.max_nonfinite_in_a_row:
-        why = (f"{run} non-finite updates in a row (limit config.train.max_nonfinite_in_a_row="
-               f"{tcfg.max_nonfinite_in_a_row})" if tcfg.nonfinite == "skip" else
-               "set config.train.nonfinite=skip to skip such updates")
-        raise NonFiniteError(
-            f"loss or gradient norm is not finite at step {bad + 1} (metric: "
-            f"{self._bad_metric}); stopped at step {at_step} without writing a new checkpoint; "
-            f"{why}")
+    # The handlers stay in place through the final save: a second signal cuts it short.
+    with _Signals() as signals:
+      try:
+        with self._context():
+          while step < tcfg.steps:
+            local, data_state = next(prefetch)
+            batch = sharding.global_batch(local, self.mesh)
+            self.state, m = self.train_step(self.state, batch)
+            step += 1
+            steps_since_log += 1
+            acc = _add(acc, watch.update(step, m))
+            bar.update(1)
 
-    self._bad_metric = "loss/grad_norm"
-    try:
-      with _Signals() as signals, self._context():
-        while step < tcfg.steps:
-          local, data_state = next(prefetch)
-          batch = sharding.global_batch(local, self.mesh)
-          prev_step = step
-          self.state, m = self.train_step(self.state, batch)
-          step += 1
-          steps_since_log += 1
-          finite = m.pop("finite")
-          in_a_row = jnp.where(finite, 0, in_a_row + 1)
-          max_in_a_row = jnp.maximum(max_in_a_row, in_a_row)
-          skipped = skipped + (~finite).astype(jnp.int32)
-          first_bad = jnp.where((first_bad < 0) & ~finite, prev_step, first_bad)
-          acc = _add(acc, m)
-          bar.update(1)
+            if step % tcfg.log_every_steps == 0 or step == tcfg.steps:
+              host = jax.device_get(acc)
+              good_steps = steps_since_log - watch.skipped_since_log()
+              elapsed = time.perf_counter() - t_log
+              train_metrics = self.objective.finalize(host)
+              tok_s = tokens_per_step * steps_since_log / elapsed
+              train_metrics.update(
+                  grad_norm=float(host["grad_norm"]) / max(good_steps, 1),
+                  learning_rate=float(self.schedule(step - 1)),
+                  tokens_per_sec=tok_s, steps_per_sec=steps_since_log / elapsed,
+                  mfu=tok_s * self.flops_per_token / total_peak,
+                  nonfinite_skipped=watch.skipped_total())
+              if good_steps == 0:  # every update since the last log was skipped: no averages
+                for key in [*self.objective.finalize(host), "grad_norm"]:
+                  train_metrics[key] = float("nan")
+              writer.write(step, train_metrics)
+              watch.check(step, mngr)  # after logging: metrics.jsonl shows the bad values
+              bar.set_postfix(loss=f"{train_metrics['loss']:.3f}", tok_s=f"{tok_s:.0f}",
+                              refresh=False)
+              acc, steps_since_log, t_log = None, 0, time.perf_counter()
 
-          if step % tcfg.log_every_steps == 0 or step == tcfg.steps:
-            host = jax.device_get(acc)
-            if not np.isfinite(host["loss"]):
-              self._bad_metric = "loss"
-            elif not np.isfinite(host["grad_norm"]):
-              self._bad_metric = "grad_norm"
-            check_finite(step)
-            elapsed = time.perf_counter() - t_log
-            train_metrics = self.objective.finalize(host)
-            tok_s = tokens_per_step * steps_since_log / elapsed
-            train_metrics.update(
-                grad_norm=float(host["grad_norm"]) / steps_since_log,
-                learning_rate=float(self.schedule(step - 1)),
-                tokens_per_sec=tok_s, steps_per_sec=steps_since_log / elapsed,
-                mfu=tok_s * self.flops_per_token / total_peak,
-                nonfinite_skipped=int(skipped))
-            writer.write(step, train_metrics)
-            bar.set_postfix(loss=f"{train_metrics['loss']:.3f}", tok_s=f"{tok_s:.0f}",
-                            refresh=False)
-            acc, steps_since_log, t_log = None, 0, time.perf_counter()
+            eval_due = ((tcfg.eval_every_steps and step % tcfg.eval_every_steps == 0)
+                        or step == tcfg.steps)
+            if make_eval_iter is not None and cfg.data.eval and eval_due:
+              t_eval = time.perf_counter()
+              eval_metrics = self.evaluate(make_eval_iter(), tcfg.eval_steps)
+              writer.write(step, eval_metrics, split="eval")
+              bar.write(f"eval @ step {step}: " + ", ".join(
+                  f"{k}={v:.4g}" for k, v in eval_metrics.items()))
+              t_log += time.perf_counter() - t_eval  # eval time does not count in tokens/s
 
-          if make_eval_iter is not None and cfg.data.eval and (
-              (tcfg.eval_every_steps and step % tcfg.eval_every_steps == 0) or step == tcfg.steps):
-            t_eval = time.perf_counter()
-            eval_metrics = self.evaluate(make_eval_iter(), tcfg.eval_steps)
-            writer.write(step, eval_metrics, split="eval")
-            bar.write(f"eval @ step {step}: " + ", ".join(
-                f"{k}={v:.4g}" for k, v in eval_metrics.items()))
-            t_log += time.perf_counter() - t_eval  # eval time does not count in tokens/s
+            if step == pause_after:
+              _pause_for_test(step, mngr, signals)
 
-          stop_now = signals.received is not None or step == stop_at
-          if jax.process_count() > 1:  # every process must stop at the same step
-            from jax.experimental import multihost_utils
-            stop_now = bool(np.any(multihost_utils.process_allgather(np.int32(stop_now))))
-          if step % cfg.checkpoint.every_steps == 0 or step == tcfg.steps or stop_now:
-            check_finite(step)
-            self._save(mngr, step, data_state, {})
-          if stop_now:
-            stopped_by = (signal.Signals(signals.received).name if signals.received
-                          else f"stop_at={stop_at}")
-            break
-    finally:
-      prefetch.close()
-      bar.close()
-      mngr.wait_until_finished()
-      mngr.close()
-      writer.close()
+            stop_now = signals.received is not None or step == stop_at
+            if jax.process_count() > 1:  # every process must stop at the same step
+              from jax.experimental import multihost_utils
+              stop_now = bool(np.any(multihost_utils.process_allgather(np.int32(stop_now))))
+            if step % cfg.checkpoint.every_steps == 0 or step == tcfg.steps or stop_now:
+              watch.check(step, mngr)
+              self._save(mngr, step, data_state, watch.counters())
+            if stop_now:
+              stopped_by = (signal.Signals(signals.received).name if signals.received
+                            else f"stop_at={stop_at}")
+              break
+      finally:
+        prefetch.close()
+        bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
     if stopped_by:
       print(f"plmjax: stopped by {stopped_by} after step {step}; checkpoint saved in "
             f"{checkpoint.checkpoint_dir(self.workdir)}; run the same command to resume",
