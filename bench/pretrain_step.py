@@ -132,7 +132,7 @@ class PlmjaxStep:
 
   def __call__(self):
     t = self.trainer
-    with t._context():  # pylint: disable=protected-access
+    with t.context():
       t.state, metrics = t.train_step(t.state, self.batch)
     metrics["loss"].block_until_ready()
     return metrics

@@ -162,7 +162,7 @@ def evaluate(trainer, predict, task, feats: features.Features) -> dict:
   batches = data.eval_batches(feats.arrays, trainer.config.train.batch_size,
                               process_index=jax.process_index(),
                               process_count=jax.process_count())
-  with trainer._context():  # pylint: disable=protected-access
+  with trainer.context():
     for batch in batches:
       batch = sharding.global_batch({k: batch[k] for k in MODEL_INPUTS}, trainer.mesh)
       for k, v in jax.device_get(predict(trainer.state["params"], batch)).items():
@@ -209,7 +209,8 @@ def run(config, init: str, workdir: str, overrides=()) -> dict:
   results = {}
   try:
     for point in [p for p in points if p > done] or [t.steps]:
-      result = trainer.fit(train_iter(), None, stop_at=point if point < t.steps else None)
+      result = trainer.fit(train_iter(), None, stop_at=point if point < t.steps else None,
+                           desc="finetune")
       if result.step < point:  # preempted (SIGTERM/SIGINT): the checkpoint is saved
         return dict(results, preempted=True)
       if evaluation is not None:

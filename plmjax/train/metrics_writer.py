@@ -4,8 +4,6 @@ import json
 import math
 import os
 
-from tensorboardX import SummaryWriter
-
 
 def _clean(value):
   if isinstance(value, float) and not math.isfinite(value):
@@ -19,7 +17,11 @@ class MetricsWriter:
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = SummaryWriter(os.path.join(workdir, "tb")) if enabled else None
+    self._tb = None
+    if enabled:
+      # Imported here: tensorboardX imports torch when it is installed (seconds).
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def truncate_after(self, step: int):
     """Drops lines logged after `step` (a resumed run logs those steps again)."""

@@ -174,4 +174,4 @@ def run(config, workdir: str):
     if config.data.tokenizer and not os.path.isdir(dst):
       tokenizer.save(dst)
     checkpoint.write_config(workdir, config)
-  return trainer.fit(train_iter, make_eval)
+  return trainer.fit(train_iter, make_eval, desc="pretrain")

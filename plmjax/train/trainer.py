@@ -243,7 +243,8 @@ class Trainer:
     self.is_main = jax.process_index() == 0
     self._init_state(example_batch, init_params)
 
-  def _context(self):
+  def context(self):
+    """The mesh and logical-axis rules: enter it to trace or run this model by hand."""
     return _MeshRules(self.mesh, self.rules)
 
   def _init_state(self, example_batch, init_params):
@@ -255,7 +256,7 @@ class Trainer:
 
     rng = jax.random.PRNGKey(self.config.train.seed)
     init_rng, dropout_rng = jax.random.split(rng)
-    with self._context():
+    with self.context():
       boxed = jax.eval_shape(init_boxed, init_rng)
       self.param_sharding = sharding.logical_shardings(boxed, self.mesh, self.rules)
       params = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)),
@@ -306,7 +307,7 @@ class Trainer:
 
   def evaluate(self, eval_iter: Iterator, num_batches: int) -> dict:
     acc = None
-    with self._context():
+    with self.context():
       for _ in range(num_batches):
         batch = sharding.global_batch(next(eval_iter), self.mesh)
         acc = _add(acc, self.eval_step(self.state["params"], batch))
@@ -315,9 +316,11 @@ class Trainer:
   # ---- the loop ------------------------------------------------------------------------
 
   def fit(self, train_iter, make_eval_iter: Callable | None = None,
-          stop_at: int | None = None) -> Result:
+          stop_at: int | None = None, desc: str = "train") -> Result:
     """Trains to config.train.steps; `stop_at` stops (with a checkpoint) at that step as
-    a preemption would, leaving the schedule untouched."""
+    a preemption would, leaving the schedule untouched (fine-tuning evaluates at epoch
+    ends this way). `desc` labels the progress bar."""
+    announce_stop = stop_at is None  # a caller's own stop_at is not news to the user
     cfg, tcfg = self.config, self.config.train
     mngr = checkpoint.manager(self.workdir, keep=cfg.checkpoint.keep,
                               async_save=cfg.checkpoint.async_save)
@@ -345,7 +348,7 @@ class Trainer:
     step, acc, train_metrics, eval_metrics = start, None, {}, {}
     watch = _NonFiniteWatch(tcfg, meta)
     t_log, steps_since_log = time.perf_counter(), 0
-    bar = tqdm(total=tcfg.steps, initial=start, disable=not self.is_main, desc="pretrain",
+    bar = tqdm(total=tcfg.steps, initial=start, disable=not self.is_main, desc=desc,
                unit="step", dynamic_ncols=True, mininterval=1.0)
     stopped_by = None
     pause_after = int(os.environ.get(PAUSE_ENV, "-1"))
@@ -353,7 +356,7 @@ class Trainer:
     # The handlers stay in place through the final save: a second signal cuts it short.
     with _Signals() as signals:
       try:
-        with self._context():
+        with self.context():
           while step < tcfg.steps:
             local, data_state = next(prefetch)
             batch = sharding.global_batch(local, self.mesh)
@@ -414,7 +417,7 @@ class Trainer:
         mngr.wait_until_finished()
         mngr.close()
         writer.close()
-    if stopped_by:
+    if stopped_by and (announce_stop or signals.received):
       print(f"plmjax: stopped by {stopped_by} after step {step}; checkpoint saved in "
             f"{checkpoint.checkpoint_dir(self.workdir)}; run the same command to resume",
             flush=True)
@@ -431,7 +434,7 @@ class _MeshRules:
   def __enter__(self):
     self._rules = nn.logical_axis_rules(self.rules)
     self._rules.__enter__()
-    self._mesh = jax.sharding.use_mesh(self.mesh) if hasattr(jax.sharding, "use_mesh") else self.mesh
+    self._mesh = jax.set_mesh(self.mesh) if hasattr(jax, "set_mesh") else self.mesh
     self._mesh.__enter__()
     return self
 
