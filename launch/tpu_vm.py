@@ -76,7 +76,7 @@ def install_command(ns) -> str:
   return (f"({get_uv} || {get_uv} --break-system-packages) && "
           f"python3 -m uv venv --allow-existing --python {shlex.quote(ns.python)} {VENV} && "
           f"python3 -m uv pip install --python {VENV}/bin/python {shlex.quote(ns.jax)} "
-          f"-e {CODE_DIR}")
+          f'-e "{CODE_DIR}[gcs]"')
 
 
 def setup(ns, runner: Runner):
@@ -148,7 +148,8 @@ def run(ns, runner: Runner):
   if ns.workdir.startswith("gs://"):
     print(f"warning: --workdir {ns.workdir}: plmjax writes config.json, metrics.jsonl and the "
           "tokenizer with plain file I/O; mount the bucket with gcsfuse on every worker and "
-          "pass the mounted path", file=sys.stderr)
+          "pass the mounted path (checkpoints alone may go to gs:// with "
+          "--config.checkpoint.dir)", file=sys.stderr)
   runner.run(ssh(ns, run_command(ns)))
   if ns.follow:
     logs(ns, runner)
@@ -214,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("run", parents=[common], help="start plmjax on every worker")
   p.add_argument("--command", default="pretrain", help="plmjax subcommand (default pretrain)")
   p.add_argument("--config", default="", help="config file, relative to the code directory")
-  p.add_argument("--workdir", default="", help="a path every worker sees, e.g. a gcsfuse mount /mnt/BUCKET/run")
+  p.add_argument("--workdir", default="",
+                 help="a path every worker sees, e.g. a gcsfuse mount /mnt/BUCKET/run")
   p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                  help="environment variable for the run (repeatable)")
   p.add_argument("--no-follow", dest="follow", action="store_false",

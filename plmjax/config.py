@@ -98,6 +98,7 @@ def base_config(arch: str = "bert") -> ml_collections.ConfigDict:
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
+      dir="",  # empty: WORKDIR/checkpoints; or e.g. gs://BUCKET/run/checkpoints
       every_steps=500,
       keep=3,
       async_save=True,

@@ -197,7 +197,7 @@ def test_tpu_setup_copies_code_and_installs(fake, tmp_path):
   get_uv = ["-m", "pip", "install", "--user", "--quiet", "--upgrade", "uv"]
   rest = [["-m", "uv", "venv", "--allow-existing", "--python", "3.11", f"{home}/plmjax-venv"],
           ["-m", "uv", "pip", "install", "--python", f"{home}/plmjax-venv/bin/python",
-           "jax[tpu]", "-e", f"{home}/plmjax"]]
+           "jax[tpu]", "-e", f"{home}/plmjax[gcs]"]]
   assert [r["argv"] for r in fake.records() if r["prog"] == "python3"] == [get_uv] + rest
 
   # An image whose system pip refuses --user installs (PEP 668) gets the second form.

@@ -53,8 +53,7 @@ def test_bert_loss_falls_and_mlm_accuracy_rises(tmp_path, wiki_sample):
   assert list((tmp_path / "run" / "tb").iterdir())
 
 
-def test_gpt_loss_falls_via_cli(tmp_path, wiki_sample, capsys):
-  train = _subset(wiki_sample, tmp_path / "wiki.jsonl", n=20)
+def _gpt_config_file(tmp_path):
   config_file = tmp_path / "gpt.py"
   config_file.write_text(
       "from plmjax.config import base_config\n"
@@ -66,7 +65,13 @@ def test_gpt_loss_falls_via_cli(tmp_path, wiki_sample, capsys):
       "  c.train.update(batch_size=16, learning_rate=5e-3, warmup_steps=5, log_every_steps=5)\n"
       "  c.checkpoint.async_save = False\n"
       "  return c\n")
-  code = cli.main(["pretrain", "--config", str(config_file), "--workdir", str(tmp_path / "gpt"),
+  return str(config_file)
+
+
+def test_gpt_loss_falls_via_cli(tmp_path, wiki_sample):
+  train = _subset(wiki_sample, tmp_path / "wiki.jsonl", n=20)
+  config_file = _gpt_config_file(tmp_path)
+  code = cli.main(["pretrain", "--config", config_file, "--workdir", str(tmp_path / "gpt"),
                    f"--config.data.train={train}", "--config.train.steps=60",
                    "--config.checkpoint.every_steps=30"])
   assert code == 0
@@ -76,6 +81,23 @@ def test_gpt_loss_falls_via_cli(tmp_path, wiki_sample, capsys):
   steps = sorted(int(p.name) for p in (tmp_path / "gpt" / "checkpoints").iterdir()
                  if p.name.isdigit())
   assert steps == [30, 60]
+
+
+def test_checkpoints_can_live_outside_the_workdir(tmp_path, wiki_sample, capsys):
+  """config.checkpoint.dir (a gs:// URL on TPU VMs; a local path here) holds the
+  checkpoints; resume and load_params find them through the workdir's config.json."""
+  train = _subset(wiki_sample, tmp_path / "wiki.jsonl", n=20)
+  args = ["pretrain", "--config", _gpt_config_file(tmp_path), "--workdir", str(tmp_path / "w"),
+          f"--config.data.train={train}", "--config.train.steps=4",
+          "--config.checkpoint.every_steps=2", f"--config.checkpoint.dir={tmp_path / 'ckpt'}"]
+  assert cli.main(args + ["--config.train.stop_after_steps=2"]) == 0
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2"]
+  assert not (tmp_path / "w" / "checkpoints").exists()
+  assert cli.main(args) == 0
+  assert "resumed from step 2" in capsys.readouterr().out
+  from plmjax.train import checkpoint
+  assert checkpoint.checkpoint_steps(str(tmp_path / "w")) == [2, 4]
+  assert checkpoint.load_params(str(tmp_path / "w"))[1] == 4
 
 
 @pytest.mark.parametrize("override, message", [

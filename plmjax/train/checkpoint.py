@@ -2,7 +2,7 @@
 
   DIR/config.json        the run config (ConfigDict JSON); `read_config` loads it.
   DIR/tokenizer/         tokenizer file(s): tokenizer.model, or tokenizer.json / vocab.txt.
-  DIR/checkpoints/STEP/  orbax items: `params`, `opt_state` (absent in params-only
+  DIR/checkpoints/STEP/  (or config.checkpoint.dir/STEP/, e.g. on gs://) orbax items: `params`, `opt_state` (absent in params-only
                          checkpoints written by import-hf), `meta` (JSON: step, rng,
                          data iterator position, nonfinite counters).
 
@@ -32,7 +32,16 @@ SHAPE_KEYS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads",
               "intermediate_size", "max_position_embeddings", "type_vocab_size")
 
 
-def checkpoint_dir(workdir: str) -> str:
+def checkpoint_dir(workdir: str, config: ml_collections.ConfigDict | None = None) -> str:
+  """DIR/checkpoints, or `config.checkpoint.dir` when set (a local path or a URL such as
+  gs://BUCKET/run/checkpoints, which orbax writes natively). Without `config`, the
+  workdir's config.json decides."""
+  if config is None:
+    path = os.path.join(workdir, "config.json")
+    config = read_config(workdir) if os.path.isfile(path) else None
+  custom = config.checkpoint.get("dir", "") if config is not None else ""
+  if custom:
+    return custom if "://" in custom else os.path.abspath(custom)
   return os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir,
                       "checkpoints")
 
@@ -42,7 +51,8 @@ def tokenizer_subdir(workdir: str) -> str:
 
 
 def manager(workdir: str, *, keep: int = 3, async_save: bool = True,
-            read_only: bool = False) -> ocp.CheckpointManager:
+            read_only: bool = False,
+            config: ml_collections.ConfigDict | None = None) -> ocp.CheckpointManager:
   # Read-only managers get the option values orbax would force, so it has nothing to
   # warn about on stderr (the CLI's errors are meant to be the only line there).
   options = ocp.CheckpointManagerOptions(
@@ -51,7 +61,8 @@ def manager(workdir: str, *, keep: int = 3, async_save: bool = True,
   absl_log = logging.getLogger("absl")
   absl_log.addFilter(_drop_read_only_notice)
   try:
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(checkpoint_dir(workdir, config), options=options,
+                                 item_names=ITEMS)
   finally:
     absl_log.removeFilter(_drop_read_only_notice)
 

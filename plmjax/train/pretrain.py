@@ -36,8 +36,9 @@ def main(args, overrides):
   config = load_config(args.config, overrides)
   distributed.initialize_from_env()
   result = run(config, args.workdir)
-  if result.stopped_by:
-    return 128 + {"SIGINT": 2, "SIGTERM": 15}.get(result.stopped_by, 15)
+  signals = {"SIGINT": 2, "SIGTERM": 15}
+  if result.stopped_by in signals:  # preempted: the conventional 128 + signal number
+    return 128 + signals[result.stopped_by]
   return 0
 
 

@@ -323,7 +323,7 @@ class Trainer:
     announce_stop = stop_at is None  # a caller's own stop_at is not news to the user
     cfg, tcfg = self.config, self.config.train
     mngr = checkpoint.manager(self.workdir, keep=cfg.checkpoint.keep,
-                              async_save=cfg.checkpoint.async_save)
+                              async_save=cfg.checkpoint.async_save, config=cfg)
     meta = self.restore(mngr)
     start = 0
     if meta is not None:
@@ -418,9 +418,9 @@ class Trainer:
         mngr.close()
         writer.close()
     if stopped_by and (announce_stop or signals.received):
-      print(f"plmjax: stopped by {stopped_by} after step {step}; checkpoint saved in "
-            f"{checkpoint.checkpoint_dir(self.workdir)}; run the same command to resume",
-            flush=True)
+      where = checkpoint.checkpoint_dir(self.workdir, self.config)
+      print(f"plmjax: stopped by {stopped_by} after step {step}; checkpoint saved in {where}; "
+            "run the same command to resume", flush=True)
     return Result(step=step, train_metrics=train_metrics, eval_metrics=eval_metrics,
                   stopped_by=stopped_by)
 
