@@ -13,19 +13,19 @@ import json
 import os
 import pathlib
 
+from etils import epath  # a tfds dependency
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
+from tensorflow_datasets.datasets.squad import squad_dataset_builder
+from tensorflow_datasets.text import conll2003, glue
 
 from plmjax import cli
 from plmjax import config as config_lib
 from plmjax.data.tokenizer import load_tokenizer
-from plmjax.finetune import data, features, finetune
+from plmjax.errors import DataError
+from plmjax.finetune import data, features, finetune, tasks
 from tests.finetune_helpers import make_init_workdir, words
-
-tfds = pytest.importorskip("tensorflow_datasets")
-from etils import epath  # noqa: E402  (a tfds dependency)
-from tensorflow_datasets.datasets.squad import squad_dataset_builder  # noqa: E402
-from tensorflow_datasets.text import conll2003, glue  # noqa: E402
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "finetune"
 W = words(40)
@@ -57,6 +57,7 @@ def _local_builder(base):
 
   class Local(base, skip_registration=True):
     name = base.name
+    pkg_dir_path = base._get_pkg_dir_path()  # metadata (README, citations) of `base`
     files = ""
 
     def _split_generators(self, dl_manager):
@@ -162,6 +163,7 @@ def _squad_json(path, n, seed, answers_per_question):
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
   """DATA_DIR with glue/{sst2,mnli,stsb}, conll2003 and squad/v1.1 prepared."""
+  tfds.disable_progress_bar()
   root = tmp_path_factory.mktemp("tfds_stand_ins")
   files, data_dir = root / "files", str(root / "tfds")
   files.mkdir()
@@ -203,10 +205,14 @@ def test_stand_ins_have_the_published_schemas(stand_ins):
     assert set(info.splits) == splits, name
     if label_names:
       assert tuple(info.features["label"].names) == label_names
-  assert str(infos["glue/stsb"].features["label"].dtype) == "float32"
+  assert infos["glue/stsb"].features["label"].np_dtype == np.float32
   assert tuple(infos["conll2003"].features["ner"].feature.names) == (
       "O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
   assert set(infos["squad/v1.1"].features["answers"].feature) == {"text", "answer_start"}
+  # Read back through tfds's own registered builders, not the local-file subclasses.
+  source = tfds.data_source("glue/mnli", split="validation_matched", data_dir=stand_ins[0])
+  assert type(source.dataset_info.features["label"]).__name__ == "ClassLabel"
+  assert tfds.builder("glue/sst2", data_dir=stand_ins[0]).__class__ is glue.Glue
 
 
 def _config(name, init, data_dir):
@@ -241,6 +247,11 @@ def test_glue_configs_read_labelled_features(stand_ins, init_dir, name):
     assert ids.shape == (n, config.data.max_seq_len) and (ids[:, 0] == tokenizer.cls_id).all()
     pairs = feats.arrays["token_type_ids"].max(axis=1)
     assert (pairs == (0 if name == "sst2" else 1)).all()  # sentence pairs use segment B
+  if name == "mnli":  # GLUE's own column names are not the tfds feature names
+    config.task.text_field = "sentence1"
+    with pytest.raises(DataError, match=r"no field 'sentence1' \(fields: hypothesis, idx, "
+                       r"label, premise\)"):
+      _load(config, tokenizer, "eval")
 
 
 def test_conll2003_config_tags_every_word(stand_ins, init_dir):
@@ -248,17 +259,22 @@ def test_conll2003_config_tags_every_word(stand_ins, init_dir):
   assert config.data.eval == "tfds:conll2003:dev"
   tokenizer = load_tokenizer(init_dir + "/tokenizer")
   labels = list(config.task.labels)
+  by_words = {tuple(t[0] for t in s): s for s in CONLL_SENTENCES + [[]]}
   for key in ("train", "eval"):
     records, feats = _load(config, tokenizer, key)
-    # Three sentences, then the empty one tfds makes of the file's last blank line.
-    assert [len(r.fields["tokens"]) for r in records] == [5, 4, 2, 0]
-    for ex, sentence, row in zip(feats.examples, CONLL_SENTENCES + [[]],
-                                 feats.arrays["labels"]):
-      assert ex["words"] == [t[0] for t in sentence]
+    # Three sentences, and the empty one tfds makes of the file's last blank line
+    # (tfds stores examples shuffled by key, so they are matched by their words).
+    assert sorted(len(r.fields["tokens"]) for r in records) == [0, 2, 4, 5]
+    for ex, row in zip(feats.examples, feats.arrays["labels"]):
+      sentence = by_words[tuple(ex["words"])]
       assert [labels[t] for t in ex["tags"]] == [t[3] for t in sentence]
       assert len(ex["first"]) == len(sentence)  # every word fits and carries its tag
       assert [labels[t] for t in row[ex["first"]]] == [t[3] for t in sentence]
       assert (row >= 0).sum() == len(sentence)
+  # The task metrics take the empty sentence too (it is scored with no entities).
+  logits = np.random.default_rng(0).normal(size=feats.arrays["labels"].shape + (len(labels),))
+  scores = tasks.compute_metrics(config.task, feats, {"logits": logits})
+  assert all(np.isfinite(scores[k]) for k in ("precision", "recall", "f1", "accuracy"))
 
 
 def test_squad_config_finds_the_answers(stand_ins, init_dir):
