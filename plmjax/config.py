@@ -7,12 +7,14 @@ ConfigDicts are type-safe: assigning a string to an int key, or a key that does
 not exist, raises an error that names the key.
 """
 
+import difflib
 import importlib.util
 import os
+import traceback
 
 import ml_collections
 
-from plmjax.errors import ConfigError
+from plmjax.errors import ConfigError, UserError
 from plmjax.models.config import ModelConfig
 
 # Logical axis name -> mesh axes. Parameters and activations carry logical names
@@ -67,7 +69,6 @@ def base_config(arch: str = "bert") -> ml_collections.ConfigDict:
       nsp=True,  # BERT: next-sentence pairs (False: MLM only, one segment)
       packing=False,  # pack several examples in one row with segment ids
       max_pairs_per_row=0,  # packed BERT: pairs per row (0: max_seq_len // 32)
-      shuffle_buffer_docs=0,  # unused for map-style sources; kept for tfds streams
       num_workers=0,  # grain worker processes (0: in-process)
       prefetch=2,  # batches prefetched to device
   ))
@@ -94,7 +95,6 @@ def base_config(arch: str = "bert") -> ml_collections.ConfigDict:
       stop_after_steps=0,  # >0: checkpoint and exit after this many steps of this invocation
       inject_nan_at_step=-1,  # test hook: make the loss NaN at this step
       peak_flops_per_device=0.0,  # 0: look it up in the peak table (for MFU)
-      profile=False,
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
@@ -119,6 +119,59 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} defines no get_config() function")
   return module.get_config()
+
+
+def load_config(path: str, overrides) -> ml_collections.ConfigDict:
+  """The config file plus overrides; any error in the file becomes one ConfigError line."""
+  try:
+    config = load_config_file(path)
+  except UserError:
+    raise
+  except Exception as e:  # the user's Python: SyntaxError, ml_collections' TypeError, ...
+    raise ConfigError(f"config file {path}{_line_in(path, e)}: {type(e).__name__}: "
+                      f"{str(e).strip()}") from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"get_config() in {path} returned {type(config).__name__}, not an "
+                      "ml_collections.ConfigDict; start from plmjax.config.base_config()")
+  check_config_keys(config)
+  apply_overrides(config, overrides)
+  return config
+
+
+def _line_in(path: str, e: Exception) -> str:
+  if isinstance(e, SyntaxError) and e.lineno:
+    return f", line {e.lineno}"
+  frames = [f for f in traceback.extract_tb(e.__traceback__)
+            if os.path.abspath(f.filename) == os.path.abspath(path)]
+  return f", line {frames[-1].lineno}" if frames else ""
+
+
+def check_config_keys(config: ml_collections.ConfigDict):
+  """Every key must be one of base_config()'s: a config file can add a misspelt key
+  (c.train.stepz = 5) without ml_collections noticing."""
+  arch = config.get("model", {}).get("arch", "bert")
+  problems = []
+
+  def walk(node, ref, prefix):
+    for key in node.keys():
+      if key not in ref:
+        close = difflib.get_close_matches(key, list(ref.keys()), n=1)
+        hint = f" (did you mean config.{prefix}{close[0]}?)" if close else ""
+        problems.append(f"unknown config key config.{prefix}{key}{hint}")
+      elif isinstance(ref[key], ml_collections.ConfigDict):
+        if isinstance(node[key], ml_collections.ConfigDict):
+          walk(node[key], ref[key], f"{prefix}{key}.")
+        else:
+          problems.append(f"config.{prefix}{key} must be a section, not {node[key]!r}")
+    missing = [k for k in ref.keys() if k not in node]
+    if missing:
+      problems.append(f"config.{prefix.rstrip('.') or '(top)'} lacks "
+                      f"{', '.join(prefix + k for k in missing)}")
+
+  walk(config, base_config(arch), "")
+  if problems:
+    raise ConfigError("; ".join(problems) + "; plmjax/config.py base_config() lists every key "
+                      "(config files start from it)")
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]):

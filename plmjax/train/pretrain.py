@@ -6,18 +6,15 @@ Starting again with the same workdir resumes from its newest checkpoint. Bad inp
 (config, data, tokenizer, workdir) is reported before anything in the workdir is written.
 """
 
-import difflib
 import os
 import shutil
-import traceback
 
 import jax
-import ml_collections
 
 from plmjax import config as config_lib
 from plmjax.data import pipeline, sources
 from plmjax.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
-from plmjax.errors import CheckpointError, ConfigError, UserError
+from plmjax.errors import CheckpointError, UserError
 from plmjax.models import build_model
 from plmjax.train import checkpoint, distributed
 from plmjax.train.flops import flops_per_token
@@ -33,66 +30,13 @@ def add_arguments(parser):
 
 
 def main(args, overrides):
-  config = load_config(args.config, overrides)
+  config = config_lib.load_config(args.config, overrides)
   distributed.initialize_from_env()
   result = run(config, args.workdir)
   signals = {"SIGINT": 2, "SIGTERM": 15}
   if result.stopped_by in signals:  # preempted: the conventional 128 + signal number
     return 128 + signals[result.stopped_by]
   return 0
-
-
-def load_config(path: str, overrides) -> ml_collections.ConfigDict:
-  """The config file plus overrides; any error in the file becomes one ConfigError line."""
-  try:
-    config = config_lib.load_config_file(path)
-  except UserError:
-    raise
-  except Exception as e:  # the user's Python: SyntaxError, ml_collections' TypeError, ...
-    raise ConfigError(f"config file {path}{_line_in(path, e)}: {type(e).__name__}: "
-                      f"{str(e).strip()}") from e
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f"get_config() in {path} returned {type(config).__name__}, not an "
-                      "ml_collections.ConfigDict; start from plmjax.config.base_config()")
-  check_config_keys(config)
-  config_lib.apply_overrides(config, overrides)
-  return config
-
-
-def _line_in(path: str, e: Exception) -> str:
-  if isinstance(e, SyntaxError) and e.lineno:
-    return f", line {e.lineno}"
-  frames = [f for f in traceback.extract_tb(e.__traceback__)
-            if os.path.abspath(f.filename) == os.path.abspath(path)]
-  return f", line {frames[-1].lineno}" if frames else ""
-
-
-def check_config_keys(config: ml_collections.ConfigDict):
-  """Every key must be one of base_config()'s: a config file can add a misspelt key
-  (c.train.stepz = 5) without ml_collections noticing."""
-  arch = config.get("model", {}).get("arch", "bert")
-  problems = []
-
-  def walk(node, ref, prefix):
-    for key in node.keys():
-      if key not in ref:
-        close = difflib.get_close_matches(key, list(ref.keys()), n=1)
-        hint = f" (did you mean config.{prefix}{close[0]}?)" if close else ""
-        problems.append(f"unknown config key config.{prefix}{key}{hint}")
-      elif isinstance(ref[key], ml_collections.ConfigDict):
-        if isinstance(node[key], ml_collections.ConfigDict):
-          walk(node[key], ref[key], f"{prefix}{key}.")
-        else:
-          problems.append(f"config.{prefix}{key} must be a section, not {node[key]!r}")
-    missing = [k for k in ref.keys() if k not in node]
-    if missing:
-      problems.append(f"config.{prefix.rstrip('.') or '(top)'} lacks "
-                      f"{', '.join(prefix + k for k in missing)}")
-
-  walk(config, config_lib.base_config(arch), "")
-  if problems:
-    raise ConfigError("; ".join(problems) + "; plmjax/config.py base_config() lists every key "
-                      "(config files start from it)")
 
 
 def prepare_tokenizer(config, workdir: str):
@@ -131,7 +75,7 @@ def run(config, workdir: str):
   Config, workdir, tokenizer and data are all checked before the workdir is written
   (a tokenizer trained for a new workdir is the one exception: it only adds files).
   """
-  check_config_keys(config)
+  config_lib.check_config_keys(config)
   model_cfg = config_lib.validate(config)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise CheckpointError(f"--workdir {workdir} exists and is not a directory")
@@ -158,9 +102,10 @@ def run(config, workdir: str):
     eval_iter = make_iter("eval")
     eval_start = eval_iter.get_state()
 
-    def make_eval():
+    def replay_eval():
       eval_iter.set_state(eval_start)
       return eval_iter
+    make_eval = replay_eval
 
   seq_len = config.data.max_seq_len
   masked = config.data.max_predictions_per_seq if model_cfg.arch == "bert" else None
