@@ -1,4 +1,4 @@
-"""The `plmjax` command: one subcommand per job, each a thin wrapper over a module.
+"""plmjax: pretrain, fine-tune and export BERT and GPT-2 models in JAX (one subcommand per job).
 
   plmjax pretrain  --config configs/bert_tiny.py --workdir DIR [--config.a.b=V ...]
   plmjax tokenizer train --input GLOB --vocab-size N --model-type unigram|bpe --out PREFIX
