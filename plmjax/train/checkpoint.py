@@ -71,9 +71,12 @@ def _drop_read_only_notice(record: logging.LogRecord) -> bool:
   return not record.getMessage().startswith("Given directory is read only")
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  """Steps of the complete checkpoints in DIR/checkpoints (no manager needed)."""
-  return sorted(ocp.utils.checkpoint_steps(checkpoint_dir(workdir)))
+def checkpoint_steps(workdir: str, config: ml_collections.ConfigDict | None = None) -> list[int]:
+  """Steps of the complete checkpoints (no manager needed); none if the directory is absent."""
+  path = checkpoint_dir(workdir, config)
+  if "://" not in path and not os.path.isdir(path):
+    return []
+  return sorted(ocp.utils.checkpoint_steps(path))
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict):

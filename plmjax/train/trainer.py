@@ -261,7 +261,10 @@ class Trainer:
       self.param_sharding = sharding.logical_shardings(boxed, self.mesh, self.rules)
       params = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)),
                        out_shardings=self.param_sharding)(init_rng)
-    if init_params is not None:
+    # A workdir with checkpoints resumes from them in fit(): loading the initial
+    # parameters (a pretrained checkpoint, for fine-tuning) would be wasted work.
+    resuming = bool(checkpoint.checkpoint_steps(self.workdir, self.config))
+    if init_params is not None and not resuming:
       params = jax.device_put(init_params(_abstract(params)), self.param_sharding)
     abstract_opt = jax.eval_shape(self.tx.init, params)
     repl = sharding.replicated(self.mesh)
