@@ -122,20 +122,25 @@ def _txt_documents(path: str) -> Iterator[list[str]]:
     yield doc
 
 
-def _jsonl_documents(path: str) -> Iterator[list[str]]:
+def json_lines(path: str) -> Iterator[tuple[int, object]]:
+  """(line number, parsed value) for each non-blank line of a .jsonl(.gz) file."""
   with _open(path) as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
       try:
-        record = json.loads(line)
+        yield n, json.loads(line)
       except json.JSONDecodeError as e:
         raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-      if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise DataError(f"{path}:{n}: the line has no string field 'text'")
-      doc = text_to_segments(record["text"])
-      if doc:
-        yield doc
+
+
+def _jsonl_documents(path: str) -> Iterator[list[str]]:
+  for n, record in json_lines(path):
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+      raise DataError(f"{path}:{n}: the line has no string field 'text'")
+    doc = text_to_segments(record["text"])
+    if doc:
+      yield doc
 
 
 def parse_tfds_spec(spec: str, key: str = "data spec") -> tuple[str, str]:

@@ -13,13 +13,12 @@ bad values are reported with their place.
 
 import csv
 import dataclasses
-import json
 import os
 import sys
 
 import numpy as np
 
-from plmjax.data.sources import parse_tfds_spec
+from plmjax.data.sources import json_lines, parse_tfds_spec
 from plmjax.errors import ConfigError, DataError
 
 
@@ -68,17 +67,10 @@ def read_records(spec: str, *, tfds_data_dir: str = "", key: str = "config.data.
 
 
 def _read_jsonl(path: str):
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        fields = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-      if not isinstance(fields, dict):
-        raise DataError(f"{path}:{n}: expected a JSON object, got {type(fields).__name__}")
-      yield Record(fields, f"{path}:{n}")
+  for n, fields in json_lines(path):
+    if not isinstance(fields, dict):
+      raise DataError(f"{path}:{n}: expected a JSON object, got {type(fields).__name__}")
+    yield Record(fields, f"{path}:{n}")
 
 
 def _read_table(path: str):
