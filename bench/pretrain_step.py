@@ -8,12 +8,15 @@ Times `Trainer.train_step` (the step `plmjax pretrain` runs: AdamW, clipping, dr
 donated state) on a fixed synthetic batch already on the device, so the input pipeline
 is not measured here (bench/data_pipeline.py measures it). Compilation and `--warmup`
 steps are excluded; each of `--repeats` timings runs `--steps` steps and ends with
-`block_until_ready`; the median is reported. MFU is against the matmul peak measured
-in the same run (a 2048x2048 matmul of the compute dtype, best of 5, the higher of one
-measurement before and one after the timings).
+`block_until_ready`; the median is reported. The matmul peak is measured in the same
+run (best of 3 2048x2048 matmuls of the compute dtype) before every repeat and after the
+last: `mfu` is against the highest of those samples, `mfu_per_repeat` the median over
+repeats of the step's FLOP/s against the peak sampled around that repeat (the figure to
+trust on a machine whose speed drifts).
 
 Prints one line per run:
-  plmjax bert: tokens/s=N step_ms=... flops/token=... achieved_gflops=... peak_gflops=... mfu=...
+  plmjax bert: tokens/s=N step_ms=... flops/token=... achieved_gflops=... peak_gflops=...
+      mfu=... mfu_per_repeat=...
 """
 
 import argparse
@@ -138,37 +141,79 @@ class PlmjaxStep:
     return metrics
 
 
-def interleaved_timings(runners: dict, warmup: int, repeats: int, steps: int) -> dict:
+class MatmulProbe:
+  """The device's practical matmul peak, sampled between the timed steps.
+
+  `measure()` records the best of 3 2048x2048 matmuls of `dtype` in FLOP/s. Timing
+  loops call it before each repeat and once after the last, so every repeat has a
+  peak measured just before and just after it: on a machine whose speed drifts
+  (shared or throttled cores), MFU per repeat compares like with like.
+  """
+
+  def __init__(self, dtype: str, n: int = 2048):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    self.x = jnp.ones((n, n), dtype) / n
+    self.f = jax.jit(lambda a: a @ a)
+    self.flops = 2 * n**3
+    self.f(self.x).block_until_ready()
+    self.samples = []
+
+  def measure(self, tries: int = 3) -> float:
+    best = float("inf")
+    for _ in range(tries):
+      t0 = time.perf_counter()
+      self.f(self.x).block_until_ready()
+      best = min(best, time.perf_counter() - t0)
+    self.samples.append(self.flops / best)
+    return self.samples[-1]
+
+  def peak(self) -> float:
+    return max(self.samples)
+
+  def per_repeat(self) -> list:
+    """The higher of the samples before and after each repeat."""
+    return [max(a, b) for a, b in zip(self.samples, self.samples[1:])]
+
+
+def interleaved_timings(runners: dict, warmup: int, repeats: int, steps: int,
+                        probe: MatmulProbe | None = None) -> dict:
   """{name: [seconds per step, one per repeat]}, the runners taking turns each repeat
-  so that load from other processes hits them alike."""
+  so that load from other processes hits them alike; `probe` samples the matmul peak
+  before each repeat and after the last."""
   for run in runners.values():
     for _ in range(warmup):
       run()
   out = {name: [] for name in runners}
   for _ in range(repeats):
+    if probe:
+      probe.measure()
     for name, run in runners.items():
       t0 = time.perf_counter()
       for _ in range(steps):
         run()
       out[name].append((time.perf_counter() - t0) / steps)
+  if probe:
+    probe.measure()
   return out
 
 
-def matmul_peak(dtype: str) -> float:
-  """A fresh best-of-5 2048x2048 matmul FLOP/s (flops.measured_matmul_peak, uncached)."""
-  from plmjax.train.flops import measured_matmul_peak  # pylint: disable=g-import-not-at-top
-  return measured_matmul_peak.__wrapped__(dtype)
-
-
 def result_line(name: str, step_times: list, tokens_per_step: int, flops_per_token: float,
-                peak: float) -> str:
+                probe: MatmulProbe) -> str:
+  """tokens/s from the median step; `mfu` against the highest matmul peak of the run
+  (the conservative figure); `mfu_per_repeat` the median over repeats of achieved
+  FLOP/s against the peak sampled around that repeat."""
   step_s = statistics.median(step_times)
   tok_s = tokens_per_step / step_s
   achieved = tok_s * flops_per_token
+  peak = probe.peak()
+  local = statistics.median(tokens_per_step * flops_per_token / t / p
+                            for t, p in zip(step_times, probe.per_repeat()))
   spread = f"{min(step_times) * 1e3:.0f}-{max(step_times) * 1e3:.0f}"
   return (f"{name}: tokens/s={tok_s:.0f} step_ms={step_s * 1e3:.1f} (range {spread}) "
           f"flops/token={flops_per_token / 1e6:.2f}M achieved_gflops={achieved / 1e9:.1f} "
-          f"peak_gflops={peak / 1e9:.1f} mfu={achieved / peak:.3f}")
+          f"peak_gflops={peak / 1e9:.1f} mfu={achieved / peak:.3f} "
+          f"mfu_per_repeat={local:.3f}")
 
 
 def describe(config) -> str:
@@ -193,14 +238,13 @@ def main(argv=None):
   config = build_config(args, overrides)
   print(describe(config))
   print(device_line())
-  peak = matmul_peak(config.model.dtype)
+  probe = MatmulProbe(config.model.dtype)
   step = PlmjaxStep(config, synthetic_batch(config))
   print(f"plmjax: {step.n_params / 1e6:.2f}M parameters, compiled in {step.compile_s:.1f} s")
-  times = interleaved_timings({"plmjax": step}, args.warmup, args.repeats, args.steps)
-  peak = max(peak, matmul_peak(config.model.dtype))
+  times = interleaved_timings({"plmjax": step}, args.warmup, args.repeats, args.steps, probe)
   print(FLOPS_FORMULA)
   print(result_line(f"plmjax {config.model.arch}", times["plmjax"], step.tokens_per_step,
-                    step.flops_per_token, peak))
+                    step.flops_per_token, probe))
   return 0
 
 

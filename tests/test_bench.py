@@ -12,7 +12,8 @@ TINY = ["--layers", "1", "--hidden", "32", "--heads", "2", "--intermediate", "64
         "--steps", "1"]
 RESULT = re.compile(r"^(?P<name>[\w\- ]+): tokens/s=(?P<tok>\d+) step_ms=(?P<ms>[\d.]+) "
                     r"\(range \d+-\d+\) flops/token=(?P<flops>[\d.]+)M achieved_gflops=[\d.]+ "
-                    r"peak_gflops=(?P<peak>[\d.]+) mfu=(?P<mfu>[\d.]+)$", re.M)
+                    r"peak_gflops=(?P<peak>[\d.]+) mfu=(?P<mfu>[\d.]+) "
+                    r"mfu_per_repeat=(?P<mfu_local>[\d.]+)$", re.M)
 
 
 def run(script, *args):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from plmjax.models import dropout
 from plmjax.models.config import ModelConfig
 
 
@@ -81,7 +82,5 @@ def dot_product_attention(q_BxLxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK:
     # (padding queries) become uniform instead of NaN.
     logits_BxHxLxS = jnp.where(mask, logits_BxHxLxS, -0.7 * jnp.finfo(jnp.float32).max)
   probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1)
-  keep_rate = 1.0 - cfg.attention_dropout_rate
-  keep = jax.random.bernoulli(dropout_rng, keep_rate, probs_BxHxLxS.shape)
-  probs_BxHxLxS = jnp.where(keep, probs_BxHxLxS / keep_rate, 0.0)
+  probs_BxHxLxS = dropout.apply(probs_BxHxLxS, dropout_rng, cfg.attention_dropout_rate)
   return jnp.einsum("bhls,bshk->blhk", probs_BxHxLxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)

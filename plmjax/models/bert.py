@@ -11,6 +11,7 @@ import flax.linen as nn
 
 from plmjax.models import attention
 from plmjax.models.config import ModelConfig
+from plmjax.models.dropout import Dropout
 from plmjax.models.transformer import (ACT_EMBED, BertLayer, dense, embed, layer_norm,
                                        maybe_remat, tied_logits)
 
@@ -32,7 +33,7 @@ class BertEmbeddings(nn.Module):
     x += embed(cfg, cfg.type_vocab_size, ("type", "embed"),
                "token_type_embeddings")(token_type_ids_BxL)
     x = layer_norm(cfg, "LayerNorm")(x)
-    return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    return Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
 class BertEncoder(nn.Module):
@@ -177,7 +178,7 @@ class BertForSequenceClassification(nn.Module):
     enc = BertModel(cfg, name="bert")(input_ids_BxL, token_type_ids, attention_mask,
                                       segment_ids=segment_ids, position_ids=position_ids,
                                       deterministic=deterministic)
-    x = nn.Dropout(cfg.dropout_rate)(enc["pooled"], deterministic=deterministic)
+    x = Dropout(cfg.dropout_rate)(enc["pooled"], deterministic=deterministic)
     logits = dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(x)
     return {"logits": logits.astype(jnp.float32), "hidden": enc["hidden"]}
 
@@ -193,7 +194,7 @@ class BertForTokenClassification(nn.Module):
     enc = BertModel(cfg, add_pooling_layer=False, name="bert")(
         input_ids_BxL, token_type_ids, attention_mask, segment_ids=segment_ids,
         position_ids=position_ids, deterministic=deterministic)
-    x = nn.Dropout(cfg.dropout_rate)(enc["hidden"], deterministic=deterministic)
+    x = Dropout(cfg.dropout_rate)(enc["hidden"], deterministic=deterministic)
     logits = dense(cfg, cfg.num_labels, ("embed", "classes"), "classifier")(x)
     return {"logits": logits.astype(jnp.float32), "hidden": enc["hidden"]}
 

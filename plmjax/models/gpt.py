@@ -20,6 +20,7 @@ import flax.linen as nn
 
 from plmjax.models import attention
 from plmjax.models.config import ModelConfig
+from plmjax.models.dropout import Dropout
 from plmjax.models.transformer import (ACT_EMBED, GPT2Block, embed, layer_norm, maybe_remat,
                                        tied_logits)
 
@@ -46,7 +47,7 @@ class GPT2Model(nn.Module):
 
     x = embed(cfg, cfg.vocab_size, ("vocab", "embed"), "wte")(input_ids_BxL)
     x += embed(cfg, cfg.max_position_embeddings, ("position", "embed"), "wpe")(position_ids)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ACT_EMBED)
     # Recomputation buys nothing when decoding (no backward pass).
     block_cls = GPT2Block if decode else maybe_remat(GPT2Block, cfg, static_argnums=(3, 4))

@@ -16,6 +16,7 @@ import flax.linen as nn
 
 from plmjax.models import attention
 from plmjax.models.config import ModelConfig
+from plmjax.models.dropout import Dropout
 
 ACT_EMBED = ("batch", "length", "act_embed")
 ACT_MLP = ("batch", "length", "act_mlp")
@@ -102,7 +103,7 @@ class BertResidualOutput(nn.Module):
   def __call__(self, x, residual_BxLxD, deterministic: bool):
     cfg = self.cfg
     x = dense(cfg, cfg.hidden_size, (self.in_axis, "embed"), "dense")(x)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     return layer_norm(cfg, "LayerNorm")(x + residual_BxLxD)
 
 
@@ -163,7 +164,7 @@ class GPT2Attention(nn.Module):
     out_BxLxHxK = attention.dot_product_attention(
         q, k, v, mask, causal=causal, cfg=cfg, deterministic=deterministic, dropout_rng=rng)
     out = dense(cfg, d, ("heads", "embed"), "c_proj", stddev=resid_std)(merge_heads(out_BxLxHxK))
-    return nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    return Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
 
   def _update_cache(self, k_BxLxHxK, v_BxLxHxK):
     """Appends k, v to the cache; returns (keys, values, causal) to attend over.
@@ -196,7 +197,7 @@ class GPT2MLP(nn.Module):
     h = dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "c_fc")(x_BxLxD)
     h_BxLxI = nn.gelu(nn.with_logical_constraint(h, ACT_MLP), approximate=True)
     out = dense(cfg, cfg.hidden_size, ("mlp", "embed"), "c_proj", stddev=resid_std)(h_BxLxI)
-    return nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    return Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
 
 
 class GPT2Block(nn.Module):

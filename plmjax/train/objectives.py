@@ -21,10 +21,22 @@ class Objective(NamedTuple):
 
 
 def _xent_sums(logits, labels, weights):
+  """Summed cross-entropy, correct count and weight of integer `labels` under `logits`.
+
+  Written as logsumexp - label logit with the label picked by a one-hot select, and
+  "correct" as "the label's logit is the maximum" (ties count as correct): the
+  backward pass is then one elementwise fusion (softmax - one-hot) over the logits,
+  where log_softmax + take_along_axis + argmax cost a scatter, a transposed copy and
+  a second pass over the V-wide logits (about 5% of a BERT-Small step on CPU).
+  """
   logits = logits.astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  max_logit = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+  shifted = logits - max_logit
+  lse = jnp.log(jnp.exp(shifted).sum(axis=-1))
+  one_hot = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
+  label_shifted = jnp.where(one_hot, shifted, 0.0).sum(axis=-1)
+  nll = lse - label_shifted
+  correct = (label_shifted >= 0.0).astype(jnp.float32)
   return (nll * weights).sum(), (correct * weights).sum(), weights.sum()
 
 
