@@ -342,6 +342,15 @@ def _corrupt_workdir_tokenizer(existing, tmp_path):
   return workdir
 
 
+def _other_tokenizer(setup, tmp_path):
+  """A BPE tokenizer of the same size (300) as the unigram one the existing run used."""
+  docs = sources.read_documents(setup.corpus)
+  prefix = tmp_path / "bpe" / "tokenizer"
+  prefix.parent.mkdir()
+  train_tokenizer((line for doc in docs for line in doc), 300, "bpe", str(prefix), kind="bert")
+  return str(prefix) + ".model"
+
+
 def _nonempty(tmp_path):
   out = tmp_path / "out"
   out.mkdir()
@@ -395,6 +404,10 @@ CASES = {
                           r"not_a_dir exists and is not a directory"),
     "corrupt_tokenizer_file": (PRETRAIN + ["--config.data.tokenizer={garbage}"],
                                r"tokenizer file .*garbage\.model is not a sentencepiece model"),
+    "other_tokenizer_same_vocab_size": (PRETRAIN + ["--config.data.tokenizer={other_tok}"],
+                                        r"config\.data\.tokenizer=.*bpe/tokenizer\.model differs "
+                                        r"from .*existing/tokenizer/tokenizer\.model, the "
+                                        r"tokenizer this workdir .* was trained with"),
     "corrupt_tokenizer_in_workdir": (["pretrain", "--config", "{config}", "--workdir",
                                       "{corrupt_tokenizer}", "--config.data.tokenizer="],
                                      r"copy/tokenizer/tokenizer\.model is not a sentencepiece"),
@@ -418,6 +431,7 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(case, setup, existing, 
           "tmp": lambda: tmp_path, "llama": lambda: _hf_llama(tmp_path),
           "nonempty": lambda: _nonempty(tmp_path), "a_file": lambda: _a_file(tmp_path),
           "garbage": lambda: _garbage(tmp_path),
+          "other_tok": lambda: _other_tokenizer(setup, tmp_path),
           "corrupt_tokenizer": lambda: _corrupt_workdir_tokenizer(existing, tmp_path)}
   if isinstance(argv, str):  # a line added to the config file
     argv = ["pretrain", "--config", _config_file(setup, tmp_path, argv[len("file:"):]),

@@ -6,6 +6,7 @@ Starting again with the same workdir resumes from its newest checkpoint. Bad inp
 (config, data, tokenizer, workdir) is reported before anything in the workdir is written.
 """
 
+import filecmp
 import os
 import shutil
 
@@ -14,7 +15,7 @@ import jax
 from plmjax import config as config_lib
 from plmjax.data import pipeline, sources
 from plmjax.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
-from plmjax.errors import CheckpointError, UserError
+from plmjax.errors import CheckpointError, DataError, UserError
 from plmjax.models import build_model
 from plmjax.train import checkpoint, distributed
 from plmjax.train.flops import flops_per_token
@@ -44,7 +45,10 @@ def prepare_tokenizer(config, workdir: str):
   dst = checkpoint.tokenizer_subdir(workdir)
   arch = config.model.arch
   if config.data.tokenizer:
-    return load_tokenizer(config.data.tokenizer)  # copied into the workdir by `run`
+    given = load_tokenizer(config.data.tokenizer)  # copied into the workdir by `run`
+    if os.path.isdir(dst) and os.listdir(dst):
+      _check_same_tokenizer(load_tokenizer(dst), given, workdir)
+    return given
   if os.path.isdir(dst) and os.listdir(dst):
     return load_tokenizer(dst)
   prefix = os.path.join(dst, "tokenizer")
@@ -61,6 +65,16 @@ def prepare_tokenizer(config, workdir: str):
     os.replace(tmp, dst)
   _sync("tokenizer")
   return load_tokenizer(dst)
+
+
+def _check_same_tokenizer(saved, given, workdir: str):
+  """A workdir keeps the tokenizer it started with: ids mean nothing under another one."""
+  if not filecmp.cmp(saved.path, given.path, shallow=False):
+    raise DataError(
+        f"config.data.tokenizer={given.path} differs from {saved.path}, the tokenizer this "
+        f"workdir ({workdir}) was trained with, so its token ids would mean different pieces; "
+        f"set config.data.tokenizer={saved.path} (or leave it empty) to continue this run, or "
+        "start a new --workdir for the new tokenizer")
 
 
 def _sync(name: str):
