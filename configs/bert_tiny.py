@@ -3,10 +3,10 @@
 Run (offline; the default corpus is the Python documentation that ships with Python):
   plmjax pretrain --config configs/bert_tiny.py --workdir runs/bert_tiny
 
-Expect (measured on a 2-core CPU, about 5 minutes): a unigram tokenizer trained into the
-workdir, then 300 steps in which the MLM+NSP loss falls from about 9.6 (steps 1-10) to
-about 7.2, MLM accuracy rises from 0.2% to about 5.7% (the frequent-token stage that BERT
-pretraining goes through first), and held-out NSP accuracy reaches about 75%; checkpoints
+Expect (measured on a 2-core CPU, about 2 minutes): a unigram tokenizer trained into the
+workdir, then 300 steps in which the MLM+NSP loss falls from about 9.7 (steps 1-10) to
+about 7.2, MLM accuracy rises from 0.2% to about 5.4% (the frequent-token stage that BERT
+pretraining goes through first), and held-out NSP accuracy reaches about 73%; checkpoints
 at steps 100, 200, 300 in runs/bert_tiny/checkpoints. Your own text:
   --config.data.train='my/corpus/*.txt'   or   --config.data.train=tfds:wikipedia/20230601.en:train
 """

@@ -62,3 +62,13 @@ def test_unknown_argument_is_an_error():
   out = subprocess.run([sys.executable, str(ROOT / "bench" / "pretrain_step.py"), "--bogus"],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert out.returncode == 2 and "--bogus" in out.stderr
+
+
+def test_matmul_shapes_prints_every_product_of_every_weight():
+  stdout = run("matmul_shapes.py", "--hidden", "32", "--intermediate", "64", "--vocab", "300",
+               "--tokens", "64", "--masked", "8", "--repeats", "1")
+  lines = re.findall(r"^([\w-]+) (forward|input-grad|weight-grad) \((\d+)x(\d+)x(\d+)\): "
+                     r"xla=(\d+) torch=(\d+) GFLOP/s$", stdout, re.M)
+  assert len(lines) == 12, stdout
+  assert {l[0] for l in lines} == {"projection", "mlp-up", "mlp-down", "mlm-decoder"}
+  assert ("mlm-decoder", "weight-grad", "8", "32", "300") in [l[:5] for l in lines]
