@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import jax
 import numpy as np
@@ -252,6 +253,24 @@ def test_refuses_to_start_only_when_no_checkpoint_is_readable(setup, tmp_path):
                    r"\(.+\) \| step 4 .* \| step 2 .*Move .* away to start from scratch",
                    errors[0]), errors[0]
   assert snapshot(workdir) == before  # nothing set aside, nothing written
+
+
+def test_late_reports_of_abandoned_reads_are_dropped_and_others_kept(monkeypatch):
+  # Orbax's array reads abandoned by a failed restore can be finalised long after it;
+  # their "Exception ignored in: <coroutine ...>" reports must not reach stderr.
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  checkpoint._filter_late_read_reports()  # pylint: disable=protected-access
+  checkpoint._filter_late_read_reports()  # pylint: disable=protected-access  (installs once)
+
+  def report(obj, exc):
+    return types.SimpleNamespace(object=obj, exc_value=exc, exc_type=type(exc),
+                                 exc_traceback=None, err_msg=None)
+
+  sys.unraisablehook(report("<coroutine object _read_array_index_and_device_put at 0x1>",
+                            Exception("Encountered error while reading array index")))
+  sys.unraisablehook(report("<coroutine object something_else at 0x2>", ValueError("mine")))
+  assert [r.object for r in seen] == ["<coroutine object something_else at 0x2>"]
 
 
 # ---- non-finite loss ---------------------------------------------------------------------------

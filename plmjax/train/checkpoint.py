@@ -209,7 +209,30 @@ def _restore_quietly(mngr, step, args):
     # Out of the except block the traceback, and the abandoned reads it holds, can be
     # collected: settle() finalises them while their reports are still dropped.
     aftermath.settle()
+  _filter_late_read_reports()
   raise _Unreadable(reason)
+
+
+def _is_abandoned_read(report) -> bool:
+  """A report from one of orbax's array reads abandoned by a failed restore."""
+  text = f"{report.object!r} {report.exc_value!r}"
+  return ("_read_array_index_and_device_put" in text
+          or "Encountered error while reading array index" in text)
+
+
+def _filter_late_read_reports():
+  """From the first failed restore on, drops the abandoned reads' reports that arrive
+  after settle() gave up waiting (their coroutines can be finalised much later);
+  every other unraisable report still reaches the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "plmjax_filter", False):
+    return
+
+  def hook(report):
+    if not _is_abandoned_read(report):
+      previous(report)
+  hook.plmjax_filter = True
+  sys.unraisablehook = hook
 
 
 def describe_error(e: BaseException, limit: int = 300) -> str:
