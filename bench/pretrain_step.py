@@ -123,7 +123,8 @@ class PlmjaxStep:
     masked = config.data.max_predictions_per_seq if model_cfg.arch == "bert" else None
     self.flops_per_token = flops_per_token(model_cfg, seq_len, masked)
     self.tokens_per_step = config.train.batch_size * seq_len
-    self.trainer = Trainer(config, tempfile.gettempdir(), build_model(model_cfg, config.task.head),
+    workdir = tempfile.mkdtemp(prefix="plmjax_bench_")
+    self.trainer = Trainer(config, workdir, build_model(model_cfg, config.task.head),
                            PRETRAINING[model_cfg.arch], batch,
                            flops_per_token=self.flops_per_token, tokens_per_example=seq_len,
                            devices=jax.devices()[:1])
@@ -137,7 +138,7 @@ class PlmjaxStep:
     t = self.trainer
     with t.context():
       t.state, metrics = t.train_step(t.state, self.batch)
-    metrics["loss"].block_until_ready()
+    metrics["batch_loss"].block_until_ready()
     return metrics
 
 

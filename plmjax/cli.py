@@ -15,6 +15,7 @@ traceback. Any other exception is a bug and shows its traceback.
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 from plmjax.errors import UserError
@@ -41,6 +42,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(argv):
   parser = _Parser(prog="plmjax", description=__doc__.split("\n")[0])
   parser.add_argument("--debug", action="store_true", help="show tracebacks")
+  parser.add_argument("--version", action="version", version=f"plmjax {_version()}")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
   # Import only the module of the command being run (jax imports are slow).
   wanted = next((a for a in argv if a in COMMANDS), None)
@@ -52,7 +54,16 @@ def build_parser(argv):
   return parser
 
 
-def main(argv=None):
+def _version() -> str:
+  try:
+    return importlib.metadata.version("plmjax")
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown (not installed)"
+
+
+def main(argv=None, hooks=()):
+  """Runs one command. `hooks` (plmjax.train.hooks.Hook objects) are added to the
+  training loop of `pretrain` and `finetune`, e.g. a profiler or an experiment tracker."""
   argv = list(sys.argv[1:] if argv is None else argv)
   debug = "--debug" in argv
   try:
@@ -63,6 +74,9 @@ def main(argv=None):
     if unknown:
       parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     module = importlib.import_module(COMMANDS[args.command][0])
+    _parse_absl_flags()
+    if hooks:
+      return module.main(args, overrides, hooks=hooks) or 0
     return module.main(args, overrides) or 0
   except UserError as e:
     if debug:
@@ -77,6 +91,14 @@ def main(argv=None):
   except KeyboardInterrupt:
     print("plmjax: interrupted", file=sys.stderr)
     return 130
+
+
+def _parse_absl_flags():
+  """This program's absl flags (none of its own): grain's data worker processes read
+  theirs (config.data.num_workers > 0), as under absl.app.run."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(sys.argv[:1], known_only=True)
 
 
 def _one_line(e: Exception) -> str:

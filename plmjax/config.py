@@ -93,7 +93,6 @@ def base_config(arch: str = "bert") -> ml_collections.ConfigDict:
       nonfinite="stop",  # stop | skip: what to do when loss or grads are not finite
       max_nonfinite_in_a_row=10,  # with nonfinite=skip
       stop_after_steps=0,  # >0: checkpoint and exit after this many steps of this invocation
-      inject_nan_at_step=-1,  # test hook: make the loss NaN at this step
       peak_flops_per_device=0.0,  # 0: look it up in the peak table (for MFU)
   ))
 
@@ -121,8 +120,9 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def load_config(path: str, overrides) -> ml_collections.ConfigDict:
-  """The config file plus overrides; any error in the file becomes one ConfigError line."""
+def load_config(path: str, overrides, reference=None) -> ml_collections.ConfigDict:
+  """The config file plus overrides; any error in the file becomes one ConfigError line.
+  `reference(config)` gives the config holding every allowed key (default base_config)."""
   try:
     config = load_config_file(path)
   except UserError:
@@ -133,7 +133,7 @@ def load_config(path: str, overrides) -> ml_collections.ConfigDict:
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"get_config() in {path} returned {type(config).__name__}, not an "
                       "ml_collections.ConfigDict; start from plmjax.config.base_config()")
-  check_config_keys(config)
+  check_config_keys(config, reference(config) if reference else None)
   apply_overrides(config, overrides)
   return config
 
@@ -146,10 +146,12 @@ def _line_in(path: str, e: Exception) -> str:
   return f", line {frames[-1].lineno}" if frames else ""
 
 
-def check_config_keys(config: ml_collections.ConfigDict):
-  """Every key must be one of base_config()'s: a config file can add a misspelt key
-  (c.train.stepz = 5) without ml_collections noticing."""
+def check_config_keys(config: ml_collections.ConfigDict, reference=None):
+  """Every key must be one of `reference`'s (default: base_config()'s): a config file can
+  add a misspelt key (c.train.stepz = 5) without ml_collections noticing."""
   arch = config.get("model", {}).get("arch", "bert")
+  if reference is None:
+    reference = base_config(arch)
   problems = []
 
   def walk(node, ref, prefix):
@@ -168,10 +170,24 @@ def check_config_keys(config: ml_collections.ConfigDict):
       problems.append(f"config.{prefix.rstrip('.') or '(top)'} lacks "
                       f"{', '.join(prefix + k for k in missing)}")
 
-  walk(config, base_config(arch), "")
+  walk(config, reference, "")
   if problems:
     raise ConfigError("; ".join(problems) + "; plmjax/config.py base_config() lists every key "
-                      "(config files start from it)")
+                      "(config files start from it; fine-tuning adds plmjax/finetune/tasks.py "
+                      "finetune_config()'s)")
+
+
+def summary(config: ml_collections.ConfigDict) -> str:
+  """The resolved config as one compact block: a line per section."""
+  lines = ["plmjax: config (--print-config prints it as JSON):"]
+  for section, values in config.items():
+    if isinstance(values, ml_collections.ConfigDict):
+      items = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items()
+               if k != "logical_axis_rules"]
+      if "logical_axis_rules" in values:
+        items.append(f"logical_axis_rules=({len(values.logical_axis_rules)} rules)")
+      lines.append(f"  {section}: " + " ".join(items))
+  return "\n".join(lines)
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]):
@@ -252,6 +268,13 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f"config.train.batch_size={t.batch_size} is not divisible by "
                       f"config.train.grad_accum_steps={t.grad_accum_steps}")
-  if model_cfg.arch == "bert" and not 0 < d.mask_prob < 1:
-    raise ConfigError(f"config.data.mask_prob={d.mask_prob} must be in (0, 1)")
+  if model_cfg.arch == "bert":
+    if not 0 < d.mask_prob < 1:
+      raise ConfigError(f"config.data.mask_prob={d.mask_prob} must be in (0, 1)")
+    if d.max_predictions_per_seq < 1:
+      raise ConfigError(f"config.data.max_predictions_per_seq={d.max_predictions_per_seq} "
+                        "must be at least 1")
+    if d.max_seq_len < 8:
+      raise ConfigError(f"config.data.max_seq_len={d.max_seq_len} is too short for BERT pairs "
+                        "(at least 8)")
   return model_cfg

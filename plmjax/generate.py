@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from plmjax import workdir as workdir_lib
 from plmjax.data.tokenizer import load_tokenizer
 from plmjax.errors import ConfigError, UserError
 from plmjax.models import gpt
@@ -99,11 +100,11 @@ def generate(model: gpt.GPT, params, prompt_ids, max_new_tokens: int, *,
 def main(args, overrides):
   if overrides:
     raise ConfigError(f"generate takes no --config overrides (got {overrides[0]})")
-  config = checkpoint.read_config(args.workdir)
+  config = workdir_lib.read_config(args.workdir)
   model_cfg = ModelConfig.from_config(config.model)
   if model_cfg.arch != "gpt":
     raise ConfigError(f"{args.workdir} holds a {model_cfg.arch!r} model; generate needs GPT")
-  tokenizer = load_tokenizer(checkpoint.tokenizer_subdir(args.workdir))
+  tokenizer = load_tokenizer(workdir_lib.tokenizer_dir(args.workdir))
   params, _ = checkpoint.load_params(args.workdir, args.step)
   prompt = tokenizer.encode(args.prompt)
   ids = generate(gpt.GPT(model_cfg), jax.device_put(params), prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

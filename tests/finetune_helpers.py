@@ -7,11 +7,12 @@ import jax
 import numpy as np
 
 from plmjax.config import base_config
-from plmjax.data.synthetic import synthetic_texts
 from plmjax.data.tokenizer import load_tokenizer, train_tokenizer
 from plmjax.models import build_model
 from plmjax.models.config import ModelConfig
 from plmjax.train import checkpoint
+
+from synthetic import synthetic_texts
 
 SEQ = 32
 

@@ -3,11 +3,13 @@
 import numpy as np
 import pytest
 
-from plmjax.data import sources, synthetic
+from plmjax.data import sources
 from plmjax.data import tokenizer as tk
 from plmjax.data.bert_examples import BertExamples, make_chunks, truncate_pair, truncation_counts
 from plmjax.data.bert_packing import PackedBertExamples, pack_rows
 from plmjax.data.corpus import tokenize_documents
+
+import synthetic
 
 L, P = 64, 12
 

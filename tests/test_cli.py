@@ -1,5 +1,6 @@
 """The `plmjax` command: input errors are one line on stderr (exit 2), bugs keep tracebacks."""
 
+import json
 import sys
 import types
 
@@ -80,3 +81,25 @@ def test_ctrl_c_outside_training_exits_130(fake_command, capsys):
   fake_command["raise"] = KeyboardInterrupt()
   assert cli.main(["fake", "--path", "p"]) == 130
   assert capsys.readouterr().err.strip() == "plmjax: interrupted"
+
+
+def test_version_and_print_config(tmp_path, capsys):
+  with pytest.raises(SystemExit) as done:
+    cli.main(["--version"])
+  assert done.value.code == 0 and capsys.readouterr().out.startswith("plmjax ")
+  assert cli.main(["pretrain", "--config", "configs/bert_tiny.py", "--workdir",
+                   str(tmp_path / "w"), "--print-config", "--config.train.steps=7"]) == 0
+  printed = json.loads(capsys.readouterr().out)
+  assert printed["train"]["steps"] == 7 and printed["model"]["arch"] == "bert"
+  assert not (tmp_path / "w").exists()
+
+
+def test_training_on_own_text_but_evaluating_on_builtin_text_is_pointed_out(tmp_path, capsys):
+  corpus = tmp_path / "mine.txt"
+  corpus.write_text("A sentence of mine.\nAnother one.\n")
+  rc = cli.main(["pretrain", "--config", "configs/bert_tiny.py", "--workdir", str(tmp_path / "w"),
+                 f"--config.data.train={corpus}", "--config.mesh.data=64"])
+  out, err = capsys.readouterr()
+  assert rc == 2 and "needs 64 devices" in err  # stops before any work
+  assert f"training on {corpus} but evaluating on the built-in builtin:python-docs" in out
+  assert "plmjax: config (--print-config prints it as JSON):" in out

@@ -11,9 +11,9 @@ import time
 import jax
 import pytest
 
-from plmjax.errors import ConfigError, UserError
+from plmjax.errors import UserError
 from plmjax.train import distributed
-from plmjax.train.distributed import check_global_batch, resolve
+from plmjax.train.distributed import resolve
 
 PLMJAX_ENV = {"PLMJAX_COORDINATOR_ADDRESS": "10.0.0.2:8476", "PLMJAX_NUM_PROCESSES": "4",
               "PLMJAX_PROCESS_ID": "3"}
@@ -43,7 +43,7 @@ def _free_port():
 def test_nothing_set_is_a_single_process():
   assert resolve(environ={}) is None
   assert distributed.initialize_from_env() is False
-  assert distributed.is_main_process()
+  assert jax.process_index() == 0
 
 
 def test_environment_gives_all_three():
@@ -154,16 +154,6 @@ def test_timeout_from_environment(monkeypatch):
     distributed._timeout_from_env(300)
 
 
-# ----- batch -----
-
-def test_check_global_batch():
-  assert check_global_batch(32, 8) == 4
-  with pytest.raises(ConfigError, match=r"batch_size=30 .* 8 devices .*batch_size=24 or 32"):
-    check_global_batch(30, 8)
-  with pytest.raises(ConfigError, match=r"batch_size=4 .* 8 devices .*batch_size=8$"):
-    check_global_batch(4, 8)
-
-
 # ----- failing fast, before jax would hang or abort -----
 
 @pytest.fixture
@@ -220,7 +210,7 @@ WORKER = textwrap.dedent("""
       x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), rows)
       total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
       print("RESULT", joined, jax.process_index(), jax.process_count(), jax.device_count(),
-            float(total), distributed.is_main_process(), flush=True)
+            float(total), jax.process_index() == 0, flush=True)
 """)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 
 import ml_dtypes
 import numpy as np
@@ -12,6 +13,7 @@ from safetensors.numpy import load_file
 
 from hf_helpers import (hf_outputs, max_diffs, plmjax_outputs, random_inputs, random_params,
                         tiny_config, trained_sentencepiece, wiki_lines)
+from plmjax import workdir as workdir_lib
 from plmjax import cli
 from plmjax.config import base_config
 from plmjax.data.tokenizer import load_tokenizer
@@ -167,9 +169,27 @@ def test_bad_targets_and_checkpoints(tmp_path, capsys):
   with pytest.raises(CheckpointError, match="not a plmjax workdir"):
     export_lib.export(str(tmp_path / "nothing"), str(tmp_path / "c"))
   # A config that no longer matches the weights: one clear error, nothing written.
-  config = checkpoint.read_config(str(workdir))
+  config = workdir_lib.read_config(str(workdir))
   config.model.num_layers = 3
-  checkpoint.write_config(str(workdir), config)
+  workdir_lib.write_config(str(workdir), config)
   with pytest.raises(CheckpointError, match="missing transformer/h_2"):
     export_lib.export(str(workdir), str(tmp_path / "d"))
   assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_permissions_follow_the_umask(wiki_sample, tmp_path, umask):
+  spm = trained_sentencepiece(wiki_sample, tmp_path)
+  cfg = tiny_config("bert", vocab_size=load_tokenizer(spm).vocab_size)
+  workdir = make_workdir(tmp_path / "run", cfg, "mlm", random_params(cfg, "mlm"), spm)
+  out = tmp_path / "hf"
+  old = os.umask(umask)
+  try:
+    export_lib.export(str(workdir), str(out))
+  finally:
+    os.umask(old)
+  assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+  names = sorted(os.listdir(out))
+  assert "model.safetensors" in names and "tokenizer.json" in names
+  assert {n: stat.S_IMODE((out / n).stat().st_mode) for n in names} == {
+      n: 0o666 & ~umask for n in names}

@@ -2,11 +2,16 @@
 
 import collections
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from plmjax import cli
+from plmjax import workdir as workdir_lib
 from plmjax.data.tokenizer import load_tokenizer
 from plmjax.errors import CheckpointError, DataError
 from plmjax.finetune import finetune
@@ -125,7 +130,7 @@ def task_config(tmp_path, task_type, epochs=3):
 def test_task_learns_synthetic_task(tmp_path, init_dir, task_type):
   _, _, metric, threshold = TASKS[task_type]
   workdir = tmp_path / "run"
-  results = finetune.run(task_config(tmp_path, task_type), init_dir, str(workdir))
+  results = finetune.run(task_config(tmp_path, task_type), init_dir, str(workdir)).eval_metrics
   assert results[metric] > threshold, results
   saved = json.loads((workdir / "eval_results.json").read_text())
   assert saved[metric] == pytest.approx(results[metric]) and saved["step"] == 60
@@ -137,7 +142,7 @@ def test_task_learns_synthetic_task(tmp_path, init_dir, task_type):
     check_predict(tmp_path, workdir, task_type)
   if task_type == "classification":  # the same command again: resumes at the end, re-evaluates
     again = finetune.run(task_config(tmp_path, task_type), init_dir, str(workdir))
-    assert again == pytest.approx(results)
+    assert again.step == 60 and again.eval_metrics == pytest.approx(results)
 
 
 def check_predict(tmp_path, workdir, task_type):
@@ -174,3 +179,76 @@ def test_bad_input_is_a_clear_error(tmp_path, init_dir):
     finetune.run(config, init_dir, str(tmp_path / "bad"))
   with pytest.raises(CheckpointError, match="not a plmjax workdir"):
     finetune.run(task_config(tmp_path, "classification"), str(tmp_path), str(tmp_path / "x"))
+
+
+def _records(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_pass_logs_the_mean_train_loss_under_the_eval_names(tmp_path, init_dir, capsys):
+  config = task_config(tmp_path, "classification", epochs=2)
+  config.train.update(log_every_steps=1, learning_rate=1e-5)
+  finetune.run(config, init_dir, str(tmp_path / "run"))
+  out = capsys.readouterr().out
+  # One fit: the start-up lines once, not once per epoch.
+  assert out.count("M parameters") == 1 and out.count("tensors from") == 1
+  train = [r for r in _records(tmp_path / "run") if "split" not in r]
+  evals = [r for r in _records(tmp_path / "run") if r.get("split") == "eval"]
+  assert [r["step"] for r in train] == list(range(1, 41)) and [r["step"] for r in evals] == [20, 40]
+  # A fresh 2-class head on balanced labels: the mean loss is about ln 2, as in eval rows.
+  assert train[0]["loss"] == pytest.approx(np.log(2), abs=0.03)
+  assert evals[0]["loss"] == pytest.approx(np.log(2), abs=0.03)
+  assert {"loss", "accuracy"} <= set(train[0]) and "correct" not in train[0]
+
+
+def test_unknown_key_in_a_finetune_config_file_is_refused(tmp_path, init_dir, capsys):
+  path = tmp_path / "bad.py"
+  path.write_text("from plmjax.finetune.tasks import finetune_config\n"
+                  "def get_config():\n"
+                  "  c = finetune_config(type='classification')\n"
+                  "  c.train.stepz = 5\n"
+                  "  return c\n")
+  rc = cli.main(["finetune", "--config", str(path), "--init", init_dir,
+                 "--workdir", str(tmp_path / "w")])
+  assert rc == 2
+  err = capsys.readouterr().err
+  assert "unknown config key config.train.stepz (did you mean config.train.steps?)" in err
+  assert not (tmp_path / "w").exists()
+
+
+CLI_CONFIG = """
+from plmjax.finetune.tasks import finetune_config
+
+def get_config():
+  c = finetune_config(type="classification", labels=("neg", "pos"))
+  c.data.update(train={train!r}, eval={eval!r}, max_seq_len={seq})
+  c.model.update(dropout_rate=0.0, attention_dropout_rate=0.0)
+  c.train.update(epochs=50, batch_size=16, learning_rate=5e-3, log_every_steps=10)
+  c.checkpoint.update(every_steps=1000)
+  return c
+"""
+
+
+def test_sigint_during_evaluation_stops_with_a_checkpoint_in_a_background_start(
+    tmp_path, init_dir):
+  config = task_config(tmp_path, "classification")
+  path = tmp_path / "ft.py"
+  path.write_text(CLI_CONFIG.format(train=config.data.train, eval=config.data.eval, seq=SEQ))
+  workdir = tmp_path / "run"
+  hooked = os.path.join(os.path.dirname(__file__), "hooked_cli.py")
+  argv = [sys.executable, hooked, "--pause-in-eval", "--", "finetune", "--config", str(path),
+          "--init", init_dir, "--workdir", str(workdir)]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  # `trap "" INT`: SIGINT ignored, as a shell starts `plmjax finetune ... &` in a script.
+  proc = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", *argv], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  line = ""
+  while "paused in evaluation" not in line:
+    line = proc.stdout.readline()
+    assert line or proc.poll() is None, proc.stderr.read()
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=240)
+  assert proc.returncode == 130, err
+  assert "stopped by SIGINT after step 20" in out
+  assert workdir_lib.checkpoint_steps(str(workdir)) == [20]
+  assert [r["step"] for r in _records(workdir) if r.get("split") == "eval"] == [20]

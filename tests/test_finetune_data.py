@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from plmjax.data.synthetic import synthetic_texts
 from plmjax.data.tokenizer import load_tokenizer, train_tokenizer
 from plmjax.errors import DataError
 from plmjax.finetune import data, features
 from plmjax.finetune.tasks import finetune_config
 from finetune_helpers import words, write_jsonl
+from synthetic import synthetic_texts
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,15 @@ def test_readers_keep_file_and_line(tmp_path):
   rec = data.read_records(str(tmp_path / "b.csv"))[0]
   with pytest.raises(DataError, match=r"b\.csv:2: no field 'sentence' \(fields: label, text\)"):
     rec.get("sentence", "config.task.text_field")
+
+
+def test_missing_tfds_dataset_names_the_key_and_the_fix(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  with pytest.raises(DataError, match=r"^config\.data\.eval='tfds:no_such_dataset_xyz:train': "
+                     r"tfds dataset 'no_such_dataset_xyz' not found in data_dir=.*; prepare it "
+                     r"with tfds or set config\.data\.tfds_data_dir"):
+    data.read_records("tfds:no_such_dataset_xyz:train", tfds_data_dir=str(tmp_path),
+                      key="config.data.eval")
 
 
 def test_labels_by_name_or_index_and_bad_label():

@@ -8,12 +8,13 @@ import pytest
 
 from plmjax import cli, generate
 from plmjax.config import base_config
-from plmjax.data.synthetic import synthetic_texts
 from plmjax.data.tokenizer import train_tokenizer
 from plmjax.errors import ConfigError
 from plmjax.models import gpt
 from plmjax.models.config import ModelConfig
 from plmjax.train import checkpoint
+
+from synthetic import synthetic_texts
 
 VOCAB = 97
 

@@ -108,6 +108,19 @@ def test_imported_wordpiece_matches_transformers(wiki_sample, tmp_path, held_out
     assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"], text
 
 
+def test_vocab_txt_settings_match_transformers(wiki_sample, tmp_path, held_out):
+  """A bare vocab.txt read by plmjax's data code honours tokenizer_config.json as transformers."""
+  src = _wordpiece_dir(wiki_sample, tmp_path / "src", False)
+  (src / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "BertTokenizer", "do_lower_case": False, "strip_accents": True,
+       "tokenize_chinese_chars": False}))
+  ours = load_tokenizer(src / "vocab.txt")
+  theirs = transformers.AutoTokenizer.from_pretrained(src)
+  texts = ["Café Müller in São Paulo, naïve résumé.", "北京市 is Beijing; 東京 is Tokyo."]
+  for text in texts + held_out[:100]:
+    assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"], text
+
+
 def test_imported_gpt2_bpe_matches_transformers(wiki_sample, tmp_path, held_out):
   bpe = ByteLevelBPETokenizer()
   bpe.train_from_iterator(wiki_lines(wiki_sample, slice(0, 30)), vocab_size=600,

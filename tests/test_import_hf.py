@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 from tokenizers import BertWordPieceTokenizer
 
 from hf_helpers import wiki_lines
+from plmjax import workdir as workdir_lib
 from plmjax import cli
 from plmjax.data.tokenizer import load_tokenizer
 from plmjax.errors import CheckpointError, UserError
@@ -149,7 +150,7 @@ def test_wordpiece_tokenizer_is_carried_along(wiki_sample, tmp_path):
   (src / "tokenizer_config.json").write_text(json.dumps(
       {"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
   workdir, out = import_export(src, tmp_path)
-  ours = load_tokenizer(checkpoint.tokenizer_subdir(str(workdir)))  # plmjax's data code
+  ours = load_tokenizer(workdir_lib.tokenizer_dir(str(workdir)))  # plmjax's data code
   assert ours.vocab_size == 500 and ours.kind == "bert"
   theirs = transformers.AutoTokenizer.from_pretrained(src)
   exported = transformers.AutoTokenizer.from_pretrained(out)
@@ -201,7 +202,7 @@ def test_bad_directories(tmp_path):
   taken = tmp_path / "taken"  # a workdir that has trained on to step 5
   import_hf.import_hf(str(src), str(taken))
   params, _ = checkpoint.load_params(str(taken))
-  checkpoint.write_params_workdir(str(taken), checkpoint.read_config(str(taken)), params, step=5)
+  checkpoint.write_params_workdir(str(taken), workdir_lib.read_config(str(taken)), params, step=5)
   with pytest.raises(UserError, match="not empty; pass --overwrite"):
     import_hf.import_hf(str(src), str(taken))
   import_hf.import_hf(str(src), str(taken), overwrite=True)

@@ -1,7 +1,10 @@
-"""2 processes x 4 CPU devices (gloo) pretrain like 1 process x 8 devices, and resume."""
+"""2 processes x 4 CPU devices (gloo) pretrain like 1 process x 8 devices, resume, and stop
+together on a signal to one of them."""
 
 import json
 import os
+import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -42,7 +45,10 @@ def _write_corpus(path, wiki_sample):
     out.writelines(line for _, line in zip(range(12), f))
 
 
-def _run_two_processes(config_path, workdir, extra=()):
+HOOKED_CLI = str(pathlib.Path(__file__).with_name("hooked_cli.py"))
+
+
+def _start_two_processes(config_path, workdir, extra=(), hooks=((), ())):
   port = _free_port()
   procs = []
   for i in range(2):
@@ -50,9 +56,14 @@ def _run_two_processes(config_path, workdir, extra=()):
                JAX_PLATFORMS="cpu", PLMJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                PLMJAX_NUM_PROCESSES="2", PLMJAX_PROCESS_ID=str(i))
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "plmjax.cli", "pretrain", "--config", str(config_path),
+        [sys.executable, HOOKED_CLI, *hooks[i], "--", "pretrain", "--config", str(config_path),
          "--workdir", str(workdir), *extra], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True))
+  return procs
+
+
+def _run_two_processes(config_path, workdir, extra=()):
+  procs = _start_two_processes(config_path, workdir, extra)
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode in (0, 128 + 15), out[-3000:]
@@ -91,7 +102,7 @@ def test_two_processes_match_one_process_and_resume(tmp_path, wiki_sample):
   # 2 processes, stopped after 4 steps (a checkpoint), then resumed to the end.
   multi = tmp_path / "multi"
   outs = _run_two_processes(config_path, multi, ["--config.train.stop_after_steps=4"])
-  assert "stopped by stop_at=4" in outs[0]
+  assert "stopped by train.stop_after_steps=4 after step 4" in outs[0]
   outs = _run_two_processes(config_path, multi)
   assert "resumed from step 4" in outs[0]
   multi_losses = _losses(multi)
@@ -115,3 +126,28 @@ def test_two_processes_match_one_process_and_resume(tmp_path, wiki_sample):
   single_losses = _losses(single)
   np.testing.assert_allclose([multi_losses[s] for s in range(1, 7)],
                              [single_losses[s] for s in range(1, 7)], rtol=1e-6, atol=0)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(
+    tmp_path, wiki_sample):
+  corpus = tmp_path / "corpus.jsonl"
+  _write_corpus(corpus, wiki_sample)
+  config_path = tmp_path / "tiny.py"
+  config_path.write_text(CONFIG.format(train=str(corpus)))
+  workdir = tmp_path / "run"
+  # Processes agree on signals at log steps only (every 2 here): process 1 is signalled
+  # after step 1, and both stop after step 2.
+  procs = _start_two_processes(config_path, workdir, ["--config.train.log_every_steps=2"],
+                               hooks=((), ("--pause-after", "1")))
+  lines = []
+  while not any("paused after step 1" in line for line in lines):
+    line = procs[1].stdout.readline()
+    assert line, "".join(lines)
+    lines.append(line)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [128 + 15, 128 + 15], outs
+  assert "stopped by SIGTERM after step 2" in outs[0]
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == [2]
+  assert sorted(_losses(workdir)) == [2]

@@ -20,7 +20,7 @@ def test_xent_sums_equal_log_softmax_and_argmax_definitions():
   labels = jax.random.randint(k2, (6, 20), 0, 301)
   labels = labels.at[0, :5].set(jnp.argmax(logits[0, :5], -1))  # some correct predictions
   weights = (jax.random.uniform(k3, (6, 20)) < 0.8).astype(jnp.float32)
-  got = objectives._xent_sums(logits, labels, weights)  # pylint: disable=protected-access
+  got = objectives.xent_sums(logits, labels, weights)
   want = _reference(logits, labels, weights)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5)
@@ -29,7 +29,7 @@ def test_xent_sums_equal_log_softmax_and_argmax_definitions():
   def loss(fn, x):
     return fn(x, labels, weights)[0]
 
-  g_got = jax.grad(lambda x: loss(objectives._xent_sums, x))(logits)  # pylint: disable=protected-access
+  g_got = jax.grad(lambda x: loss(objectives.xent_sums, x))(logits)
   g_want = jax.grad(lambda x: loss(_reference, x))(logits)
   np.testing.assert_allclose(g_got, g_want, atol=1e-6)
 

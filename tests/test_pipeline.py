@@ -5,10 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from plmjax.config import base_config
-from plmjax.data import pipeline, synthetic
+from plmjax.config import base_config, validate
+from plmjax.data import pipeline
 from plmjax.data import tokenizer as tk
 from plmjax.errors import ConfigError, DataError
+
+import synthetic
 
 _CACHE = {}
 
@@ -146,10 +148,10 @@ def test_config_and_tokenizer_errors(data, tmp_path):
   c.model.vocab_size = 1000
   with pytest.raises(DataError, match="set config.model.vocab_size=300"):
     pipeline.make_pretrain_iterator(c, data["bert"], batch_size=2)
-  c = _config(data, "bert", max_seq_len=600)
+  c = _config(data, "bert", max_seq_len=600)  # config values alone: one place checks them
   with pytest.raises(ConfigError,
                      match="config.data.max_seq_len=600 .*max_position_embeddings=512"):
-    pipeline.make_pretrain_iterator(c, data["bert"], batch_size=2)
+    validate(c)
   c = _config(data, "gpt")
   with pytest.raises(DataError, match="lacks <\\|endoftext\\|>"):
     pipeline.make_pretrain_iterator(c, data["bert"], batch_size=2)
@@ -167,6 +169,11 @@ def test_worker_processes_give_the_same_batches(data):
   c = _config(data, "bert")
   expected = _take(pipeline.make_pretrain_iterator(c, data["bert"], batch_size=4), 6)
   c.data.num_workers = 1
+  from absl import flags
+  if not flags.FLAGS.is_parsed():  # what the plmjax command does at start
+    with pytest.raises(ConfigError, match="read absl flags"):
+      pipeline.make_pretrain_iterator(c, data["bert"], batch_size=4)
+    flags.FLAGS(["pytest"], known_only=True)
   it = pipeline.make_pretrain_iterator(c, data["bert"], batch_size=4)
   try:
     got = _take(it, 3)

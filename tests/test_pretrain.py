@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from plmjax import workdir as workdir_lib
 from plmjax import cli
 from plmjax.config import base_config
 from plmjax.train import pretrain
@@ -68,7 +69,7 @@ def _gpt_config_file(tmp_path):
   return str(config_file)
 
 
-def test_gpt_loss_falls_via_cli(tmp_path, wiki_sample):
+def test_gpt_loss_falls_via_cli(tmp_path, wiki_sample, capsys):
   train = _subset(wiki_sample, tmp_path / "wiki.jsonl", n=20)
   config_file = _gpt_config_file(tmp_path)
   code = cli.main(["pretrain", "--config", config_file, "--workdir", str(tmp_path / "gpt"),
@@ -81,6 +82,11 @@ def test_gpt_loss_falls_via_cli(tmp_path, wiki_sample):
   steps = sorted(int(p.name) for p in (tmp_path / "gpt" / "checkpoints").iterdir()
                  if p.name.isdigit())
   assert steps == [30, 60]
+  out = capsys.readouterr().out  # the closing lines: where things are, what to run next
+  done = [line for line in out.splitlines() if line.startswith("plmjax: done: ")]
+  assert len(done) == 1 and "step 60" in done[0] and "train loss" in done[0]
+  assert f"checkpoint {tmp_path / 'gpt' / 'checkpoints' / '60'}" in done[0]
+  assert f"next: plmjax export --workdir {tmp_path / 'gpt'}" in out
 
 
 def test_checkpoints_can_live_outside_the_workdir(tmp_path, wiki_sample, capsys):
@@ -96,7 +102,7 @@ def test_checkpoints_can_live_outside_the_workdir(tmp_path, wiki_sample, capsys)
   assert cli.main(args) == 0
   assert "resumed from step 2" in capsys.readouterr().out
   from plmjax.train import checkpoint
-  assert checkpoint.checkpoint_steps(str(tmp_path / "w")) == [2, 4]
+  assert workdir_lib.checkpoint_steps(str(tmp_path / "w")) == [2, 4]
   assert checkpoint.load_params(str(tmp_path / "w"))[1] == 4
 
 

@@ -2,11 +2,15 @@
 
 import gzip
 import json
+import subprocess
+import sys
 
 import pytest
 
-from plmjax.data import python_docs, sources, synthetic
+from plmjax.data import python_docs, sources
 from plmjax.errors import ConfigError, DataError
+
+import synthetic
 
 
 def _shards_cover(spec, n, **kwargs):
@@ -148,3 +152,12 @@ def test_builtin_python_docs():
   assert python_docs.read("builtin:python-docs") == train
   shard = sources.read_documents("builtin:python-docs", process_index=1, process_count=2)
   assert shard == train[1::2]
+
+
+def test_python_docs_does_not_import_sources():
+  """Data flows one way: sources reads python_docs, never the reverse."""
+  code = ("import sys; from plmjax.data import python_docs; "
+          "python_docs.read('builtin:python-docs:eval'); "
+          "print('plmjax.data.sources' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from plmjax import cli
-from plmjax.data import synthetic
 from plmjax.data import tokenizer as tk
 from plmjax.errors import DataError
+
+import synthetic
 
 
 @pytest.fixture(scope="module")
@@ -136,28 +137,24 @@ def test_check_vocab_and_special_tokens(bert_model):
     tk.check_special_tokens(tok, "gpt")
 
 
-def test_load_or_train_into_the_workdir(tmp_path, texts, bert_model):
-  from plmjax.config import base_config
-  c = base_config("gpt")
-  c.data.train = synthetic.write_corpus(str(tmp_path / "c.txt"), texts)
-  c.data.tokenizer_model_type = "bpe"
-  c.model.vocab_size = 220
-  workdir = tmp_path / "run"
-  workdir.mkdir()
-  tok = tk.load_or_train(c, str(workdir))
-  assert tok.path == str(workdir / "tokenizer.model") and tok.kind == "gpt"
-  assert tok.vocab_size == 220 and sorted(p.name for p in workdir.iterdir()) == [
-      "tokenizer.model", "tokenizer.vocab"]
-  stamp = (workdir / "tokenizer.model").stat().st_mtime_ns
-  assert tk.load_or_train(c, str(workdir)).vocab_size == 220  # reused, not retrained
-  assert (workdir / "tokenizer.model").stat().st_mtime_ns == stamp
-  c.data.tokenizer = bert_model
-  assert tk.load_or_train(c, str(workdir)).path == bert_model
-
-
 def test_too_large_vocab_is_a_clear_error(tmp_path, texts):
   with pytest.raises(DataError, match="vocab-size 100000"):
     tk.train_tokenizer(texts[:5], 100000, "bpe", str(tmp_path / "x"))
+
+
+def test_too_large_vocab_names_the_config_key(tmp_path, texts):
+  with pytest.raises(DataError) as e:
+    tk.train_tokenizer(texts[:5], 8000, "unigram", str(tmp_path / "out" / "tok"),
+                       vocab_key="config.model.vocab_size")
+  msg = str(e.value)
+  most = int(msg.split("at most ")[1].split()[0])
+  assert msg == (f"config.model.vocab_size=8000 is too large for this corpus: sentencepiece can "
+                 f"make at most {most} pieces from it; lower config.model.vocab_size or add text")
+  assert 5 < most < 8000 and "--vocab-size" not in msg
+  assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+  # The size it names is one sentencepiece accepts.
+  path = tk.train_tokenizer(texts[:5], most, "unigram", str(tmp_path / "out" / "tok"))
+  assert tk.load_tokenizer(path).vocab_size == most
 
 
 def test_cli_train(tmp_path, texts, capsys):
@@ -175,6 +172,12 @@ def test_cli_train(tmp_path, texts, capsys):
   assert cli.main(argv) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("plmjax: error: --input=") and "nothing*.txt" in err and "\n" not in err
+  # A vocabulary too large for the corpus: one line naming the flag.
+  argv[3], argv[5] = corpus, "100000"
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("plmjax: error: --vocab-size 100000 is too large for this corpus")
+  assert "lower --vocab-size or add text" in err and "\n" not in err
 
 
 def test_cli_train_on_real_text(tmp_path, wiki_sample):

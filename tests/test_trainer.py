@@ -61,9 +61,11 @@ def test_data_parallel_and_fsdp_match_one_device(tmp_path):
 def test_resume_is_bitwise_identical(tmp_path):
   straight = make_trainer(tiny_config(steps=8), tmp_path / "straight")
   straight.fit(SyntheticBert(BATCH))
-  first = make_trainer(tiny_config(steps=8), tmp_path / "resumed")
-  result = first.fit(SyntheticBert(BATCH), stop_at=3)
-  assert result.step == 3 and result.stopped_by
+  stopped = tiny_config(steps=8)
+  stopped.train.stop_after_steps = 3
+  first = make_trainer(stopped, tmp_path / "resumed")
+  result = first.fit(SyntheticBert(BATCH))
+  assert result.step == 3 and result.stopped_by == "train.stop_after_steps=3"
   second = make_trainer(tiny_config(steps=8), tmp_path / "resumed")
   assert second.fit(SyntheticBert(BATCH)).step == 8
   for a, b in zip(jax.tree.leaves(straight.state["params"]),

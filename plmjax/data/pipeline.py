@@ -34,22 +34,9 @@ def max_pairs_per_row(config) -> int:
 
 
 def check_data_config(config, tokenizer):
-  """The checks that need both the config and the tokenizer; errors name the key."""
-  d, m = config.data, config.model
-  check_special_tokens(tokenizer, m.arch)
-  check_vocab(tokenizer, m.vocab_size)
-  if d.max_seq_len > m.max_position_embeddings:
-    raise ConfigError(f"config.data.max_seq_len={d.max_seq_len} is above the model's "
-                      f"positions (config.model.max_position_embeddings="
-                      f"{m.max_position_embeddings}); lower max_seq_len")
-  if m.arch == "bert":
-    if not 0 < d.mask_prob < 1:
-      raise ConfigError(f"config.data.mask_prob={d.mask_prob} must be in (0, 1)")
-    if d.max_predictions_per_seq < 1:
-      raise ConfigError(f"config.data.max_predictions_per_seq={d.max_predictions_per_seq} "
-                        "must be at least 1")
-    if d.max_seq_len < 8:
-      raise ConfigError(f"config.data.max_seq_len={d.max_seq_len} is too short for BERT pairs")
+  """The checks that need the tokenizer (config values alone: plmjax.config.validate)."""
+  check_special_tokens(tokenizer, config.model.arch)
+  check_vocab(tokenizer, config.model.vocab_size)
 
 
 def load_corpus(config, tokenizer, *, split: str = "train", process_index: int = 0,
@@ -94,11 +81,14 @@ class _Example:
     return self.examples.example(index, epoch=k // self.n)
 
 
-def _mark_absl_flags_parsed():
-  """Grain's worker processes read absl flags, which a plain script never parses."""
+def _check_absl_flags_parsed():
+  """Grain's worker processes read absl flags (google/grain#1355), which a plain script
+  never parses; the plmjax command parses them at start, as absl.app.run would."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+    raise ConfigError("config.data.num_workers>0 starts grain worker processes, which read "
+                      "absl flags: call absl.flags.FLAGS(sys.argv[:1]) once before building "
+                      "the iterator (the plmjax command does), or set config.data.num_workers=0")
 
 
 class PretrainIterator:
@@ -118,7 +108,7 @@ class PretrainIterator:
     ds = ds.repeat(None).map_with_index(_Example(examples, self.examples_per_epoch))
     ds = ds.batch(batch_size, drop_remainder=True)
     if num_workers > 0:
-      _mark_absl_flags_parsed()
+      _check_absl_flags_parsed()
       it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(
           grain.MultiprocessingOptions(num_workers=num_workers))
     else:

@@ -19,6 +19,7 @@ import sysconfig
 import warnings
 import zlib
 
+from plmjax.data.segments import split_sentences
 from plmjax.errors import DataError
 
 MAX_CHARS = 4_000_000
@@ -41,7 +42,6 @@ def _is_eval(name: str) -> bool:
 
 
 def _segments(text: str) -> list[str]:
-  from plmjax.data.sources import split_sentences  # pylint: disable=g-import-not-at-top
   out = []
   for paragraph in _PARAGRAPH.split(text):
     out.extend(split_sentences(" ".join(paragraph.split())))

@@ -1,7 +1,7 @@
 """Where pretraining text comes from: local files, tfds datasets, or built-in text.
 
 A *document* is a list of segments (strings): the paragraph lines of a text,
-with long lines split at sentence ends. Spec strings (config.data.train / eval):
+with long lines split at sentence ends (segments.py). Spec strings (config.data.train / eval):
 
   'corpus/*.txt'              documents separated by blank lines, one paragraph per line
   'corpus/*.jsonl'            one JSON object per line, the document in its `text` field
@@ -20,26 +20,11 @@ import glob
 import gzip
 import json
 import os
-import re
 from collections.abc import Iterator, Sequence
 
+from plmjax.data import python_docs
+from plmjax.data.segments import split_sentences, text_to_segments
 from plmjax.errors import ConfigError, DataError
-
-# A sentence end: . ! or ? (maybe closing quotes/brackets), spaces, then what can start one.
-_SENTENCE_END = re.compile(r"(?<=[.!?])([\"')\]]*)\s+(?=[\"'(\[]?[A-Z0-9])")
-# Lines up to this long stay one segment; longer ones are split at sentence ends.
-LONG_LINE_CHARS = 200
-
-
-def split_sentences(line: str) -> list[str]:
-  line = line.strip()
-  if len(line) <= LONG_LINE_CHARS:
-    return [line] if line else []
-  return [s.strip() for s in _SENTENCE_END.sub(r"\1\n", line).split("\n") if s.strip()]
-
-
-def text_to_segments(text: str) -> list[str]:
-  return [s for line in text.split("\n") for s in split_sentences(line)]
 
 
 def read_documents(spec: str, *, process_index: int = 0, process_count: int = 1,
@@ -56,7 +41,6 @@ def read_documents(spec: str, *, process_index: int = 0, process_count: int = 1,
   if spec.startswith("tfds:"):
     return TfdsDocuments(spec, process_index, process_count, tfds_data_dir, key)
   if spec.startswith("builtin:"):
-    from plmjax.data import python_docs  # pylint: disable=g-import-not-at-top
     docs = python_docs.read(spec, key)
   else:
     files = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
@@ -153,28 +137,32 @@ def parse_tfds_spec(spec: str, key: str = "data spec") -> tuple[str, str]:
   return name, split
 
 
+def open_tfds(spec: str, data_dir: str | None = None, key: str = "data spec"):
+  """`tfds.data_source` of a prepared dataset ('tfds:NAME[/CONFIG]:SPLIT'), read by index."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  name, split = parse_tfds_spec(spec, key)
+  where = f"data_dir={data_dir!r}" if data_dir else "the default tfds data_dir"
+  fix = "prepare it with tfds or set config.data.tfds_data_dir to where it was prepared"
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DataError(f"{key}={spec!r}: tfds dataset {name!r} not found in {where}; {fix}") from e
+  except Exception as e:  # tfds raises assorted errors for unprepared data / bad splits
+    first = str(e).strip().split("\n")[0]
+    raise DataError(f"{key}={spec!r}: cannot read tfds dataset {name!r} split {split!r} from "
+                    f"{where} ({first}); {fix}") from e
+
+
 class TfdsDocuments:
   """This process's documents of a prepared tfds dataset, read lazily in batches."""
 
   def __init__(self, spec: str, process_index: int, process_count: int,
                data_dir: str | None, key: str = "data spec", batch: int = 256):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-    name, split = parse_tfds_spec(spec, key)
-    where = f"data_dir={data_dir!r}" if data_dir else "the default tfds data_dir"
-    try:
-      self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
-                                      download=False)
-    except tfds.core.registered.DatasetNotFoundError as e:
-      raise DataError(f"{key}={spec!r}: tfds dataset {name!r} not found in {where} "
-                      "(set config.data.tfds_data_dir to where it was prepared)") from e
-    except Exception as e:  # tfds raises assorted errors for unprepared data / bad splits
-      first = str(e).strip().split("\n")[0]
-      raise DataError(f"{key}={spec!r}: cannot read tfds dataset {name!r} split {split!r} "
-                      f"from {where}: {first}") from e
+    self._source = open_tfds(spec, data_dir, key)
     features = list(self._source.dataset_info.features.keys())
     if "text" not in features:
-      raise DataError(f"{key}={spec!r}: tfds dataset {name!r} has no 'text' feature "
+      raise DataError(f"{key}={spec!r}: the tfds dataset has no 'text' feature "
                       f"(features: {', '.join(features)})")
     self._indices = range(process_index, len(self._source), process_count)
     self._batch = batch

@@ -13,13 +13,14 @@ document is encoded as ordinary characters and can never become a real mask.
 import io
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
-from plmjax.errors import ConfigError, DataError
+from plmjax.errors import DataError
 
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 EOT = "<|endoftext|>"
@@ -142,6 +143,8 @@ class HFTokenizer(Tokenizer):
         self._tok = tokenizers.Tokenizer.from_file(self.path)
       else:
         self._tok = _wordpiece_from_vocab(self.path)
+    except DataError:
+      raise
     except Exception as e:  # tokenizers raises plain Exceptions on bad files.
       raise DataError(f"tokenizer file {self.path} cannot be read ({e})") from e
     self._tok.no_truncation()  # a tokenizer.json may carry them; rows are cut by the builders
@@ -189,29 +192,46 @@ def _word_start_rule(model_name: str, vocab: dict[str, int]):
   return lambda piece: True
 
 
-def _wordpiece_from_vocab(vocab_path: str):
-  """A BERT tokenizer from vocab.txt; lower-cases as tokenizer_config.json says."""
+def wordpiece_tokenizer(vocab_path: str, *, lowercase: bool = True,
+                        tokenize_chinese_chars: bool = True, strip_accents: bool | None = None):
+  """A BERT WordPiece `vocab.txt` as transformers' BertTokenizer builds it.
+
+  The settings are tokenizer_config.json's do_lower_case, tokenize_chinese_chars and
+  strip_accents (None: strip when lower-casing). The [CLS] A [SEP] template is not set:
+  plmjax's data code adds special tokens itself (export adds it for transformers).
+  """
+  from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
   from tokenizers import Tokenizer as HFTok  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, normalizers, pre_tokenizers
 
   with open(vocab_path, encoding="utf-8") as f:
     pieces = [line.rstrip("\n") for line in f]
   if not any(pieces):
-    raise DataError(f"tokenizer file {vocab_path} is empty")
+    raise DataError(f"{vocab_path} is empty; a WordPiece vocab.txt has one token per line")
   vocab = {p: i for i, p in enumerate(pieces)}
-  lowercase = None
-  config = os.path.join(os.path.dirname(vocab_path), "tokenizer_config.json")
-  if os.path.isfile(config):
-    with open(config, encoding="utf-8") as f:
-      lowercase = json.load(f).get("do_lower_case")
-  if lowercase is None:  # an uncased vocabulary has no upper-case pieces
-    lowercase = not any(p != p.lower() for p in pieces if not p.startswith("["))
   tok = HFTok(models.WordPiece(vocab, unk_token="[UNK]"))
-  tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+  tok.normalizer = normalizers.BertNormalizer(
+      clean_text=True, handle_chinese_chars=tokenize_chinese_chars,
+      strip_accents=strip_accents, lowercase=lowercase)
   tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-  tok.decoder = decoders.WordPiece()
-  tok.add_special_tokens([p for p in BERT_SPECIALS if p in vocab])
+  tok.decoder = decoders.WordPiece(prefix="##")
+  tok.add_special_tokens([AddedToken(p, special=True) for p in BERT_SPECIALS if p in vocab])
   return tok
+
+
+def _wordpiece_from_vocab(vocab_path: str):
+  """wordpiece_tokenizer with the settings of tokenizer_config.json beside vocab_path."""
+  config = {}
+  config_path = os.path.join(os.path.dirname(vocab_path), "tokenizer_config.json")
+  if os.path.isfile(config_path):
+    with open(config_path, encoding="utf-8") as f:
+      config = json.load(f)
+  lowercase = config.get("do_lower_case")
+  if lowercase is None:  # an uncased vocabulary has no upper-case pieces
+    with open(vocab_path, encoding="utf-8") as f:
+      lowercase = not any(p != p.lower() for p in f if not p.startswith("["))
+  return wordpiece_tokenizer(vocab_path, lowercase=lowercase,
+                             tokenize_chinese_chars=config.get("tokenize_chinese_chars", True),
+                             strip_accents=config.get("strip_accents"))
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -268,7 +288,7 @@ def train_tokenizer(texts_or_files, vocab_size: int, model_type: str = "unigram"
                     max_sentences: int = 2_000_000, character_coverage: float = 0.9995,
                     byte_fallback: bool = False, tfds_data_dir: str | None = None,
                     num_threads: int = 4, verbose: bool = False,
-                    key: str = "tokenizer input") -> str:
+                    key: str = "tokenizer input", vocab_key: str = "--vocab-size") -> str:
   """Trains a sentencepiece model; writes OUT_PREFIX.model/.vocab; returns the .model path.
 
   `texts_or_files`: a source spec string (glob of .txt/.jsonl, tfds:NAME:SPLIT,
@@ -276,7 +296,7 @@ def train_tokenizer(texts_or_files, vocab_size: int, model_type: str = "unigram"
   The first `max_sentences` segments are used, and the number of trainer threads
   is a setting (unigram's EM sums in per-thread order), not the machine's core
   count, so the same input and settings give the same bytes on any machine.
-  `key` names the input in error messages.
+  `key` names the input and `vocab_key` the vocabulary size in error messages.
   """
   from plmjax.data import sources  # pylint: disable=g-import-not-at-top
 
@@ -306,16 +326,35 @@ def train_tokenizer(texts_or_files, vocab_size: int, model_type: str = "unigram"
   try:
     spm.SentencePieceTrainer.Train(sentence_iterator=iter(sentences), model_writer=model, **args)
   except RuntimeError as e:
-    raise DataError(f"sentencepiece training failed for --vocab-size {vocab_size}: {e}") from e
+    raise _training_error(e, vocab_size, vocab_key) from e
   out_prefix = os.fspath(out_prefix)
   os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-  with open(out_prefix + ".model", "wb") as f:
-    f.write(model.getvalue())
   sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-  with open(out_prefix + ".vocab", "w", encoding="utf-8") as f:
-    for i in range(sp.get_piece_size()):
-      f.write(f"{sp.id_to_piece(i)}\t{sp.get_score(i) + 0.0:g}\n")  # + 0.0: no "-0"
+  vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i) + 0.0:g}\n"  # + 0.0: no "-0"
+                  for i in range(sp.get_piece_size()))
+  try:
+    with open(out_prefix + ".model", "wb") as f:
+      f.write(model.getvalue())
+    with open(out_prefix + ".vocab", "w", encoding="utf-8") as f:
+      f.write(vocab)
+  except BaseException:  # no .model without its .vocab, no half-written file
+    for path in (out_prefix + ".model", out_prefix + ".vocab"):
+      if os.path.exists(path):
+        os.remove(path)
+    raise
   return out_prefix + ".model"
+
+
+def _training_error(e: RuntimeError, vocab_size: int, vocab_key: str) -> DataError:
+  """sentencepiece's error, in terms of the flag or config key that set the size."""
+  sep = " " if vocab_key.startswith("-") else "="  # "--vocab-size 8000", "config...=8000"
+  setting = f"{vocab_key}{sep}{vocab_size}"
+  most = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", str(e))
+  if most:
+    return DataError(f"{setting} is too large for this corpus: sentencepiece can make at most "
+                     f"{most[1]} pieces from it; lower {vocab_key} or add text")
+  first = str(e).strip().split("\n")[0]
+  return DataError(f"sentencepiece training failed for {setting}: {first}")
 
 
 def _take(items: Iterable[str], n: int) -> list[str]:
@@ -327,24 +366,3 @@ def _take(items: Iterable[str], n: int) -> list[str]:
         break
   return out
 
-
-def load_or_train(config, workdir: str) -> Tokenizer:
-  """config.data.tokenizer if set; else WORKDIR/tokenizer.model, trained on first use.
-
-  Training is deterministic, so every process may train its own copy: each
-  writes under a private name and renames it into place atomically.
-  """
-  if config.data.tokenizer:
-    return load_tokenizer(config.data.tokenizer)
-  if config.data.tokenizer_model_type not in MODEL_TYPES:
-    raise ConfigError(f"config.data.tokenizer_model_type={config.data.tokenizer_model_type!r} "
-                      "is not allowed; use unigram or bpe")
-  path = os.path.join(workdir, "tokenizer.model")
-  if not os.path.exists(path):
-    prefix = os.path.join(workdir, f".tokenizer-{os.getpid()}")
-    train_tokenizer(config.data.train, config.model.vocab_size,
-                    config.data.tokenizer_model_type, prefix, kind=config.model.arch,
-                    tfds_data_dir=config.data.tfds_data_dir or None, key="config.data.train")
-    os.replace(prefix + ".vocab", os.path.join(workdir, "tokenizer.vocab"))
-    os.replace(prefix + ".model", path)
-  return load_tokenizer(path)

@@ -10,13 +10,14 @@ AutoTokenizer). Needs no torch: weights are written with safetensors.numpy.
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 
 import jax
 import numpy as np
 from safetensors.numpy import save_file
 
+from plmjax import workdir as workdir_lib
 from plmjax.errors import CheckpointError, UserError
 from plmjax.export import hf_config, hf_tokenizer, hf_weights
 from plmjax.models import build_model
@@ -97,7 +98,7 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "flo
   if dtype not in hf_weights.DTYPES:
     raise ExportError(f"--dtype {dtype!r} is not supported; use {', '.join(hf_weights.DTYPES)}")
   check_target(out, overwrite)
-  config = checkpoint.read_config(workdir)
+  config = workdir_lib.read_config(workdir)
   cfg = ModelConfig.from_config(config.model)
   head = config.task.head
   cls = hf_config.hf_class(cfg.arch, head)
@@ -109,20 +110,24 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "flo
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
   # Write next to OUT and swap in at the end: a failed export leaves OUT untouched.
-  tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+  # os.mkdir, not tempfile.mkdtemp: OUT gets the umask's mode, not mkdtemp's 0o700.
+  tmp = os.path.join(parent, f".export-{secrets.token_hex(8)}")
+  os.mkdir(tmp)
   try:
     tokenizer_files, special_ids = [], {}
-    tok_dir = checkpoint.tokenizer_subdir(workdir)
+    tok_dir = workdir_lib.tokenizer_dir(workdir)
     if os.path.isdir(tok_dir) and os.listdir(tok_dir):
       tokenizer_files = hf_tokenizer.write_hf_tokenizer(
           tok_dir, tmp, kind=cfg.arch, model_max_length=cfg.max_position_embeddings)
       special_ids = _special_ids(os.path.join(tmp, "tokenizer.json"), cfg.arch)
     hf = hf_config.to_hf_config(cfg, head, dtype=dtype, label_names=_label_names(config),
                                 **special_ids)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
+    config_json, weights = os.path.join(tmp, "config.json"), os.path.join(tmp, "model.safetensors")
+    with open(config_json, "w") as f:
       json.dump(hf, f, indent=2)
       f.write("\n")
-    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, weights, metadata={"format": "pt"})
+    shutil.copymode(config_json, weights)  # safetensors writes 0o600; open() follows the umask
     if os.path.isdir(out):
       shutil.rmtree(out)
     os.replace(tmp, out)

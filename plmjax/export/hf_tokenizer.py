@@ -20,6 +20,7 @@ from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 from tokenizers import pre_tokenizers, processors
 
+from plmjax.data.tokenizer import wordpiece_tokenizer
 from plmjax.errors import DataError
 
 SPIECE = "\u2581"  # sentencepiece's whitespace symbol
@@ -129,25 +130,18 @@ def add_bert_post_processor(tokenizer: Tokenizer):
       special_tokens=[(cls, tokenizer.token_to_id(cls)), (sep, tokenizer.token_to_id(sep))])
 
 
-def wordpiece_tokenizer(vocab_path: str, *, lowercase: bool = True,
-                        tokenize_chinese_chars: bool = True,
-                        strip_accents: bool | None = None) -> Tokenizer:
-  """A BERT WordPiece `vocab.txt` as transformers' BertTokenizer builds it."""
+def _bert_wordpiece(vocab_path: str, config: dict) -> Tokenizer:
+  """vocab.txt with tokenizer_config.json's settings, and the [CLS] A [SEP] template."""
   with open(vocab_path, encoding="utf-8") as f:
-    vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
-  if not vocab:
-    raise DataError(f"{vocab_path} is empty; a WordPiece vocab.txt has one token per line")
+    vocab = {line.rstrip("\n") for line in f}
   missing = [t for t in BERT_SPECIALS.values() if t not in vocab]
-  if missing:
+  if vocab and missing:
     raise DataError(f"{vocab_path} lacks {', '.join(missing)}; a BERT vocab.txt needs "
                     "[PAD], [UNK], [CLS], [SEP] and [MASK]")
-  tokenizer = Tokenizer(models.WordPiece(vocab, unk_token=BERT_SPECIALS["unk_token"]))
-  tokenizer.normalizer = normalizers.BertNormalizer(
-      clean_text=True, handle_chinese_chars=tokenize_chinese_chars,
-      strip_accents=strip_accents, lowercase=lowercase)
-  tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-  tokenizer.decoder = decoders.WordPiece(prefix="##")
-  tokenizer.add_special_tokens([AddedToken(t, special=True) for t in BERT_SPECIALS.values()])
+  tokenizer = wordpiece_tokenizer(
+      vocab_path, lowercase=config.get("do_lower_case", True),
+      tokenize_chinese_chars=config.get("tokenize_chinese_chars", True),
+      strip_accents=config.get("strip_accents"))
   add_bert_post_processor(tokenizer)
   return tokenizer
 
@@ -247,10 +241,7 @@ def load_hf_tokenizer_dir(hf_dir: str, kind: str) -> Tokenizer:
   vocab_txt = os.path.join(hf_dir, "vocab.txt")
   vocab_json, merges = os.path.join(hf_dir, "vocab.json"), os.path.join(hf_dir, "merges.txt")
   if kind == "bert" and os.path.isfile(vocab_txt):
-    return wordpiece_tokenizer(
-        vocab_txt, lowercase=config.get("do_lower_case", True),
-        tokenize_chinese_chars=config.get("tokenize_chinese_chars", True),
-        strip_accents=config.get("strip_accents"))
+    return _bert_wordpiece(vocab_txt, config)
   if kind == "gpt" and os.path.isfile(vocab_json) and os.path.isfile(merges):
     return byte_level_bpe_tokenizer(vocab_json, merges)
   want = "vocab.txt" if kind == "bert" else "vocab.json and merges.txt"

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file
 
+from plmjax import workdir as workdir_lib
 from plmjax import config as config_lib
 from plmjax.errors import CheckpointError, UserError
 from plmjax.export import hf_config, hf_tokenizer, hf_weights
@@ -60,7 +61,7 @@ def format_report(report: dict, hf_dir: str, workdir: str) -> str:
       lines.append(f"  {what}: {', '.join(report[key])}")
   if report["tokenizer_files"]:
     lines.append(f"  tokenizer: {', '.join(report['tokenizer_files'])} -> "
-                 f"{checkpoint.tokenizer_subdir(workdir)}")
+                 f"{workdir_lib.tokenizer_dir(workdir)}")
   else:
     lines.append(f"  warning: {hf_dir} has no tokenizer files; pass --config.data.tokenizer=... "
                  "when fine-tuning")
@@ -188,7 +189,7 @@ def import_hf(hf_dir: str, workdir: str, *, head: str | None = None, overrides=(
     tok_dir = os.path.join(tmp, "tokenizer")
     tokenizer_files = hf_tokenizer.import_hf_tokenizer(hf_dir, tok_dir, arch)
     if overwrite:  # no stale checkpoint (a later step would win) or tokenizer may survive
-      for sub in (checkpoint.checkpoint_dir(workdir), checkpoint.tokenizer_subdir(workdir)):
+      for sub in (workdir_lib.checkpoint_dir(workdir), workdir_lib.tokenizer_dir(workdir)):
         shutil.rmtree(sub, ignore_errors=True)
     checkpoint.write_params_workdir(workdir, config, params, step=0,
                                     tokenizer_dir=tok_dir if tokenizer_files else None)

@@ -14,11 +14,10 @@ bad values are reported with their place.
 import csv
 import dataclasses
 import os
-import sys
 
 import numpy as np
 
-from plmjax.data.sources import json_lines, parse_tfds_spec
+from plmjax.data.sources import json_lines, open_tfds
 from plmjax.errors import ConfigError, DataError
 
 
@@ -74,16 +73,19 @@ def _read_jsonl(path: str):
 
 
 def _read_table(path: str):
-  csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
   tsv = path.endswith(".tsv")
   with open(path, encoding="utf-8", newline="") as f:
     reader = (csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv
               else csv.DictReader(f))
-    for row in reader:
-      if None in row:  # more cells than header names
-        raise DataError(f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(row[None])} "
-                        f"cells but the header names {len(reader.fieldnames)} fields")
-      yield Record(dict(row), f"{path}:{reader.line_num}")
+    try:
+      for row in reader:
+        if None in row:  # more cells than header names
+          raise DataError(f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(row[None])} "
+                          f"cells but the header names {len(reader.fieldnames)} fields")
+        yield Record(dict(row), f"{path}:{reader.line_num}")
+    except csv.Error as e:  # e.g. a cell over csv's field size limit (131072 characters)
+      raise DataError(f"{path}:{reader.line_num + 1}: {e}; write long texts as .jsonl "
+                      "records instead") from None
 
 
 def _plain(value):
@@ -102,17 +104,7 @@ def _plain(value):
 
 
 def _read_tfds(spec: str, data_dir: str, key: str) -> Records:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  name, split = parse_tfds_spec(spec, key)
-  where = f"data_dir={data_dir!r}" if data_dir else "the default tfds data_dir"
-  try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
-  except Exception as e:  # tfds raises assorted errors for unprepared data / bad splits
-    first = str(e).strip().split("\n")[0]
-    raise DataError(f"{key}={spec!r}: cannot read tfds dataset {name!r} split {split!r} from "
-                    f"{where} ({first}); prepare it with tfds or set config.data.tfds_data_dir"
-                    ) from e
+  source = open_tfds(spec, data_dir, key)
   class_names = {}
   for field, feature in source.dataset_info.features.items():
     names = getattr(feature, "names", None) or getattr(getattr(feature, "feature", None),

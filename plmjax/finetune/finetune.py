@@ -3,10 +3,11 @@
   plmjax finetune --config configs/finetune/sst2.py --init runs/bert_base --workdir runs/sst2
 
 The model's shape keys and the tokenizer come from --init; the encoder weights are
-copied from its newest checkpoint and the task head starts fresh. Training uses the
-pretraining Trainer (sharding, checkpoints, metrics.jsonl, TensorBoard); the whole
-validation set is evaluated at each epoch end, and DIR/eval_results.json holds the
-final metrics. Running the same command again resumes.
+copied from its newest checkpoint and the task head starts fresh. Training is one
+Trainer.fit, as pretraining's (sharding, checkpoints, metrics.jsonl, TensorBoard), with an
+evaluation hook over the whole validation set at each epoch end (or every
+train.eval_every_steps); DIR/eval_results.json holds the final metrics. Running the same
+command again resumes.
 """
 
 import json
@@ -16,18 +17,19 @@ import jax
 import numpy as np
 
 from plmjax import config as config_lib
+from plmjax import workdir as workdir_lib
 from plmjax.data.tokenizer import check_vocab, load_tokenizer
 from plmjax.errors import CheckpointError, ConfigError
-from plmjax.finetune import data, features, tasks
+from plmjax.finetune import data, features, predict, tasks
 from plmjax.models import build_model
 from plmjax.train import checkpoint, distributed, sharding
 from plmjax.train.flops import flops_per_token
-from plmjax.train.metrics_writer import MetricsWriter
+from plmjax.train.hooks import StopSignals
+from plmjax.train.step import model_inputs
 from plmjax.train.trainer import Trainer
 
 # config.model keys that stay as the fine-tuning config sets them (not taken from --init).
 OWN_MODEL_KEYS = ("dropout_rate", "attention_dropout_rate", "num_labels")
-MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
 
 def add_arguments(parser):
@@ -35,14 +37,45 @@ def add_arguments(parser):
   parser.add_argument("--init", required=True,
                       help="plmjax workdir to start from (pretrain or import-hf output)")
   parser.add_argument("--workdir", required=True, help="where the fine-tuned model goes")
+  parser.add_argument("--print-config", action="store_true",
+                      help="print the full resolved config as JSON and exit")
   parser.epilog = "Override any config key with --config.KEY=VALUE, e.g. --config.train.epochs=2"
 
 
-def main(args, overrides):
-  config = config_lib.load_config_file(args.config)
+def main(args, overrides, hooks=()):
+  config = config_lib.load_config(args.config, [], reference=_reference)
+  if args.print_config:
+    prepare_config(config, args.init, overrides)
+    print(config.to_json(indent=2))
+    return 0
   distributed.initialize_from_env()
-  result = run(config, args.init, args.workdir, overrides)
-  return 128 + 15 if result.get("preempted") else 0
+  with StopSignals() as signals:  # after jax.distributed: its own SIGTERM notifier yields
+    result = run(config, args.init, args.workdir, overrides, signals=signals, hooks=hooks)
+  if result.stop_signal:
+    return 128 + result.stop_signal
+  if jax.process_index() == 0 and not result.stopped_by:
+    print(closing_line(result, args.workdir), flush=True)
+  return 0
+
+
+def _reference(config):
+  """The keys a fine-tuning config may have: finetune_config()'s for its task type."""
+  if "task" in config and "type" in config.task and config.task.type in tasks.HEADS:
+    return tasks.finetune_config(type=config.task.type)
+  return None
+
+
+def closing_line(result, workdir: str) -> str:
+  m, s = divmod(int(result.seconds), 60)
+  parts = [f"plmjax: done: step {result.step} ({m} min {s} s in this run)"]
+  if result.train_metrics:
+    parts.append("train loss " + f"{result.train_metrics['loss']:.4g}")
+  if result.eval_metrics:
+    parts.append("eval " + ", ".join(f"{k} {v:.4g}" for k, v in result.eval_metrics.items()))
+  parts.append(f"checkpoint {os.path.join(result.checkpoint_dir, str(result.step))}; "
+               f"results {os.path.join(workdir, 'eval_results.json')}")
+  return ("; ".join(parts) + f"\nnext: plmjax predict --workdir {workdir} --input FILE.jsonl"
+          f"  |  plmjax export --workdir {workdir} --out {workdir}/hf")
 
 
 def prepare_config(config, init: str, overrides=()):
@@ -50,7 +83,7 @@ def prepare_config(config, init: str, overrides=()):
   if "task" not in config or "type" not in config.task:
     raise ConfigError("the config has no config.task.type; start fine-tuning configs from "
                       "plmjax.finetune.tasks.finetune_config (see configs/finetune/)")
-  init_model = checkpoint.read_config(init).model
+  init_model = workdir_lib.read_config(init).model
   if init_model.get("arch") != "bert":
     raise ConfigError(f"--init {init} holds a {init_model.get('arch')!r} model; fine-tuning "
                       "heads exist for BERT")
@@ -143,85 +176,66 @@ def schedule(config, num_train_rows: int) -> list[int]:
   return points
 
 
-def make_predict(trainer, keys):
-  """Jitted forward pass returning the `keys` outputs, replicated on every device."""
-  model = trainer.model
+def make_evaluate(trainer, task, feats: features.Features):
+  """params -> task metrics over the whole validation set."""
+  lay = trainer.layout
+  forward = jax.jit(predict.make_forward(trainer.model, tasks.OUTPUTS[task.type]),
+                    in_shardings=(lay.shardings["params"], lay.batch_sharding),
+                    out_shardings=sharding.replicated(lay.mesh))
 
-  def forward(params, batch):
-    out = model.apply({"params": params}, batch["input_ids"],
-                      token_type_ids=batch["token_type_ids"],
-                      attention_mask=batch["attention_mask"], deterministic=True)
-    return {k: out[k] for k in keys}
-
-  return jax.jit(forward, in_shardings=(trainer.param_sharding, trainer.batch_sharding),
-                 out_shardings=sharding.replicated(trainer.mesh))
-
-
-def evaluate(trainer, predict, task, feats: features.Features) -> dict:
-  outs = {k: [] for k in tasks.OUTPUTS[task.type]}
-  batches = data.eval_batches(feats.arrays, trainer.config.train.batch_size,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count())
-  with trainer.context():
-    for batch in batches:
-      batch = sharding.global_batch({k: batch[k] for k in MODEL_INPUTS}, trainer.mesh)
-      for k, v in jax.device_get(predict(trainer.state["params"], batch)).items():
-        outs[k].append(np.asarray(v))
-  n = len(feats.arrays["input_ids"])
-  return tasks.compute_metrics(task, feats, {k: np.concatenate(v)[:n] for k, v in outs.items()})
+  def evaluate(params) -> dict:
+    outs = {k: [] for k in tasks.OUTPUTS[task.type]}
+    batches = data.eval_batches(feats.arrays, trainer.config.train.batch_size,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    with trainer.context():
+      for batch in batches:
+        inputs = dict(model_inputs(batch), input_ids=batch["input_ids"])
+        batch = sharding.global_batch(inputs, lay.mesh)
+        for k, v in jax.device_get(forward(params, batch)).items():
+          outs[k].append(np.asarray(v))
+    n = len(feats.arrays["input_ids"])
+    return tasks.compute_metrics(task, feats, {k: np.concatenate(v)[:n] for k, v in outs.items()})
+  return evaluate
 
 
-def run(config, init: str, workdir: str, overrides=()) -> dict:
-  """Fine-tunes (or resumes) in `workdir`; returns the final evaluation metrics."""
+def run(config, init: str, workdir: str, overrides=(), *, signals=None, hooks=()):
+  """Fine-tunes (or resumes) in `workdir`; returns the Trainer's Result (its
+  eval_metrics are the final evaluation, also in DIR/eval_results.json)."""
   prepare_config(config, init, overrides)
-  tokenizer = load_tokenizer(checkpoint.tokenizer_subdir(init))
+  model_cfg = config_lib.validate(config)
+  workdir_lib.check_usable(workdir, config)
+  tokenizer = load_tokenizer(workdir_lib.tokenizer_dir(init))
   check_vocab(tokenizer, config.model.vocab_size, exact=False)
   if not config.data.train:
     raise ConfigError("config.data.train is empty; set it to a .jsonl/.tsv/.csv file or "
                       "tfds:NAME:SPLIT")
-  train = load_split(config, tokenizer, "train")
-  evaluation = load_split(config, tokenizer, "eval") if config.data.eval else None
-  points = schedule(config, len(train.arrays["input_ids"]))
-  model_cfg = config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  checkpoint.check_same_model(workdir, config)
   is_main = jax.process_index() == 0
   if is_main:
-    checkpoint.write_config(workdir, config)
-    tokenizer.save(checkpoint.tokenizer_subdir(workdir))
-
-  t = config.train
-
-  def train_iter():
-    return data.BatchIterator(train.arrays, t.batch_size, seed=t.seed,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count())
-
-  seq_len = config.data.max_seq_len
+    print(config_lib.summary(config), flush=True)
+  train = load_split(config, tokenizer, "train")
+  evaluation = load_split(config, tokenizer, "eval") if config.data.eval else None
+  points = set(schedule(config, len(train.arrays["input_ids"])))
+  config_lib.validate(config)  # train.steps and warmup as the schedule set them
+  t, seq_len = config.train, config.data.max_seq_len
+  batches = data.BatchIterator(train.arrays, t.batch_size, seed=t.seed,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
   trainer = Trainer(config, workdir, build_model(model_cfg, config.task.head),
-                    tasks.OBJECTIVES[config.task.type], next(train_iter()),
+                    tasks.OBJECTIVES[config.task.type], next(batches),
                     flops_per_token=flops_per_token(model_cfg, seq_len, 0),
                     tokens_per_example=seq_len,
                     init_params=pretrained_params(init, model_cfg, t.seed))
-  predict = make_predict(trainer, tasks.OUTPUTS[config.task.type])
-  done = checkpoint.manager(workdir, read_only=True).latest_step() or 0
-  writer = MetricsWriter(workdir, enabled=is_main)
-  results = {}
-  try:
-    for point in [p for p in points if p > done] or [t.steps]:
-      result = trainer.fit(train_iter(), None, stop_at=point if point < t.steps else None,
-                           desc="finetune")
-      if result.step < point:  # preempted (SIGTERM/SIGINT): the checkpoint is saved
-        return dict(results, preempted=True)
-      if evaluation is not None:
-        results = evaluate(trainer, predict, config.task, evaluation)
-        writer.write(point, results, split="eval")
-        if is_main:
-          print(f"plmjax: eval @ step {point}: " + ", ".join(
-              f"{k}={v:.4g}" for k, v in results.items()), flush=True)
-  finally:
-    writer.close()
-  if is_main:
+  batches = data.BatchIterator(train.arrays, t.batch_size, seed=t.seed,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
+  if is_main:  # everything checked: now the workdir is written
+    workdir_lib.write_config(workdir, config)
+    tokenizer.save(workdir_lib.tokenizer_dir(workdir))
+  evaluate = make_evaluate(trainer, config.task, evaluation) if evaluation else None
+  result = trainer.fit(batches, evaluate=evaluate, eval_due=points.__contains__,
+                       signals=signals, hooks=hooks, desc="finetune")
+  if is_main and result.step == t.steps:
     with open(os.path.join(workdir, "eval_results.json"), "w") as f:
-      json.dump(dict(results, step=t.steps), f, indent=2)
-  return results
+      json.dump(dict(result.eval_metrics, step=t.steps), f, indent=2)
+  return result

@@ -17,14 +17,14 @@ import sys
 import jax
 import numpy as np
 
+from plmjax import workdir as workdir_lib
 from plmjax.data.tokenizer import load_tokenizer
 from plmjax.errors import ConfigError
 from plmjax.finetune import data, features, tasks
 from plmjax.models import build_model
 from plmjax.models.config import ModelConfig
 from plmjax.train import checkpoint
-
-MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+from plmjax.train.step import model_inputs
 
 
 def add_arguments(parser):
@@ -35,20 +35,26 @@ def add_arguments(parser):
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
 
 
+def make_forward(model, keys):
+  """forward(params, batch) -> the `keys` outputs of `model` on `batch`, without dropout.
+
+  The batch holds input_ids and any of train.step.MODEL_INPUTS; jit the result.
+  """
+  def forward(params, batch):
+    out = model.apply({"params": params}, batch["input_ids"], **model_inputs(batch),
+                      deterministic=True)
+    return {k: out[k] for k in keys}
+  return forward
+
+
 def run_model(model, params, arrays: dict, keys, batch_size: int = 32) -> dict:
   """`keys` outputs of `model` for every row of `arrays` (one compilation, padded batches)."""
-
-  @jax.jit
-  def forward(params, batch):
-    out = model.apply({"params": params}, batch["input_ids"],
-                      token_type_ids=batch["token_type_ids"],
-                      attention_mask=batch["attention_mask"], deterministic=True)
-    return {k: out[k] for k in keys}
-
+  forward = jax.jit(make_forward(model, keys))
   params = jax.device_put(params)
   outs = {k: [] for k in keys}
   for batch in data.eval_batches(arrays, batch_size):
-    for k, v in jax.device_get(forward(params, {k: batch[k] for k in MODEL_INPUTS})).items():
+    inputs = dict(model_inputs(batch), input_ids=batch["input_ids"])
+    for k, v in jax.device_get(forward(params, inputs)).items():
       outs[k].append(np.asarray(v))
   n = len(arrays["input_ids"])
   return {k: np.concatenate(v)[:n] for k, v in outs.items()}
@@ -76,12 +82,12 @@ def predictions(task, feats: features.Features, outputs: dict) -> list[dict]:
 
 
 def predict(workdir: str, input_spec: str, *, batch_size: int = 32, step=None) -> list[dict]:
-  config = checkpoint.read_config(workdir)
+  config = workdir_lib.read_config(workdir)
   if "task" not in config or "type" not in config.task:
     raise ConfigError(f"{workdir} is not a `plmjax finetune` workdir (its config.json has no "
                       "task.type)")
   task = config.task
-  tokenizer = load_tokenizer(checkpoint.tokenizer_subdir(workdir))
+  tokenizer = load_tokenizer(workdir_lib.tokenizer_dir(workdir))
   params, _ = checkpoint.load_params(workdir, step)
   records = data.read_records(input_spec, key="--input")
   feats = features.featurize(task, tokenizer, records, config.data.max_seq_len,

@@ -8,18 +8,18 @@
                                             sub-token of each word       f1 (entities), accuracy
   qa              question_answering        start + end cross-entropy/2  exact_match, f1
 
-The objective's sums drive training (loss, accuracy); the task metrics need every
+The objective's sums drive training and are logged under compute_metrics' names
+(loss, accuracy; qa: start_accuracy, end_accuracy); the task metrics need every
 prediction, so `evaluate` runs the model over the whole validation set.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from plmjax.errors import ConfigError
 from plmjax.finetune import features as features_lib
 from plmjax.finetune import metrics
-from plmjax.train.objectives import Objective
+from plmjax.train.objectives import Objective, xent_sums
 
 HEADS = {"classification": "sequence_classification", "regression": "sequence_classification",
          "tagging": "token_classification", "qa": "question_answering"}
@@ -54,38 +54,36 @@ def num_labels(task) -> int:
 
 # ---- objectives (jitted; sums are additive over batches and devices) -------------------
 
-def _xent(logits, labels, weights):
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-  return (nll * weights).sum(), (correct * weights).sum()
-
-
 def _count(batch):
   return dict(count=batch["weights"].astype(jnp.float32).sum())
 
 
 def _mean_loss(sums, totals):
-  return sums["loss"] / jnp.maximum(totals["count"], 1.0)
+  return sums["loss_sum"] / jnp.maximum(totals["count"], 1.0)
 
 
-def _finalize(*ratios):
+def _finalize(**ratios):
+  """Metric name -> sums key, each divided by the count; `loss` from `loss_sum`.
+
+  The names are compute_metrics'. No sums key is called `loss`: the train step adds
+  its mean loss to the same metrics dict.
+  """
   def finalize(sums):
     n = max(float(sums["count"]), 1.0)
-    return {name: float(sums[name]) / n for name in ("loss",) + ratios}
+    return {name: float(sums[key]) / n for name, key in dict(loss="loss_sum", **ratios).items()}
   return finalize
 
 
 def _classification_sums(out, batch):
   w = batch["weights"].astype(jnp.float32)
-  loss, correct = _xent(out["logits"], batch["labels"], w)
-  return dict(loss=loss, correct=correct, count=w.sum())
+  loss, correct, count = xent_sums(out["logits"], batch["labels"], w)
+  return dict(loss_sum=loss, correct_sum=correct, count=count)
 
 
 def _regression_sums(out, batch):
   w = batch["weights"].astype(jnp.float32)
   err = out["logits"][:, 0] - batch["labels"].astype(jnp.float32)
-  return dict(loss=(err * err * w).sum(), count=w.sum())
+  return dict(loss_sum=(err * err * w).sum(), count=w.sum())
 
 
 def _tag_weights(batch):
@@ -93,9 +91,9 @@ def _tag_weights(batch):
 
 
 def _tagging_sums(out, batch):
-  w_BxL = _tag_weights(batch)
-  loss, correct = _xent(out["logits"], jnp.maximum(batch["labels"], 0), w_BxL)
-  return dict(loss=loss, correct=correct, count=w_BxL.sum())
+  loss, correct, count = xent_sums(out["logits"], jnp.maximum(batch["labels"], 0),
+                                   _tag_weights(batch))
+  return dict(loss_sum=loss, correct_sum=correct, count=count)
 
 
 def _tagging_totals(batch):
@@ -104,17 +102,21 @@ def _tagging_totals(batch):
 
 def _qa_sums(out, batch):
   w = batch["weights"].astype(jnp.float32)
-  start_loss, start_correct = _xent(out["start_logits"], batch["start_positions"], w)
-  end_loss, end_correct = _xent(out["end_logits"], batch["end_positions"], w)
-  return dict(loss=(start_loss + end_loss) / 2, start_correct=start_correct,
-              end_correct=end_correct, count=w.sum())
+  start_loss, start_correct, count = xent_sums(out["start_logits"], batch["start_positions"], w)
+  end_loss, end_correct, _ = xent_sums(out["end_logits"], batch["end_positions"], w)
+  return dict(loss_sum=(start_loss + end_loss) / 2, start_correct_sum=start_correct,
+              end_correct_sum=end_correct, count=count)
 
 
 OBJECTIVES = {
-    "classification": Objective(_classification_sums, _count, _mean_loss, _finalize("correct")),
+    "classification": Objective(_classification_sums, _count, _mean_loss,
+                                _finalize(accuracy="correct_sum")),
     "regression": Objective(_regression_sums, _count, _mean_loss, _finalize()),
-    "tagging": Objective(_tagging_sums, _tagging_totals, _mean_loss, _finalize("correct")),
-    "qa": Objective(_qa_sums, _count, _mean_loss, _finalize("start_correct", "end_correct")),
+    "tagging": Objective(_tagging_sums, _tagging_totals, _mean_loss,
+                         _finalize(accuracy="correct_sum")),
+    "qa": Objective(_qa_sums, _count, _mean_loss,
+                    _finalize(start_accuracy="start_correct_sum",
+                              end_accuracy="end_correct_sum")),
 }
 
 

@@ -29,7 +29,7 @@ import time
 
 import jax
 
-from plmjax.errors import ConfigError, UserError
+from plmjax.errors import UserError
 
 ENV_COORDINATOR = "PLMJAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "PLMJAX_NUM_PROCESSES"
@@ -153,26 +153,6 @@ def split_address(address: str, where: str = ENV_COORDINATOR) -> tuple[str, int]
     raise UserError(f"{where}={address!r} is not HOST:PORT (for example 10.0.0.2:8476 or "
                     "node001:8476); the port must be a number from 1 to 65535")
   return host, int(port)
-
-
-def check_global_batch(batch_size: int, num_devices_for_batch: int) -> int:
-  """Returns the rows per device; ConfigError if the global batch does not split evenly."""
-  n = num_devices_for_batch
-  if n < 1:
-    raise ConfigError(f"the batch is split over {n} devices; there must be at least one")
-  if batch_size % n:
-    lower, upper = batch_size // n * n, (batch_size // n + 1) * n
-    nearest = f"{lower} or {upper}" if lower else str(upper)
-    raise ConfigError(
-        f"config.train.batch_size={batch_size} (global, over all processes) is not divisible "
-        f"by the {n} devices that split the batch (mesh data x fsdp, over all processes); "
-        f"use a multiple of {n}, e.g. --config.train.batch_size={nearest}")
-  return batch_size // n
-
-
-def is_main_process() -> bool:
-  """Process 0 logs, writes metrics and exports; every process saves its checkpoint shards."""
-  return jax.process_index() == 0
 
 
 # ----- where the numbers come from -----

@@ -20,7 +20,7 @@ class Objective(NamedTuple):
   finalize: Callable  # accumulated host sums -> dict of python floats
 
 
-def _xent_sums(logits, labels, weights):
+def xent_sums(logits, labels, weights):
   """Summed cross-entropy, correct count and weight of integer `labels` under `logits`.
 
   Written as logsumexp - label logit, and "correct" as "the label's logit is the
@@ -39,19 +39,19 @@ def _xent_sums(logits, labels, weights):
 
 def bert_sums(outputs: dict, batch: dict) -> dict:
   """MLM at the masked positions + NSP (per row, or per pair in packed rows)."""
-  mlm_loss, mlm_correct, mlm_count = _xent_sums(
+  mlm_loss, mlm_correct, mlm_count = xent_sums(
       outputs["mlm_logits"], batch["masked_labels"], batch["masked_weights"].astype(jnp.float32))
   nsp_weights = batch.get("nsp_weights")
   if nsp_weights is None:
     nsp_weights = jnp.ones(batch["nsp_labels"].shape, jnp.float32)
-  nsp_loss, nsp_correct, nsp_count = _xent_sums(
+  nsp_loss, nsp_correct, nsp_count = xent_sums(
       outputs["nsp_logits"], batch["nsp_labels"], nsp_weights.astype(jnp.float32))
   return dict(mlm_loss=mlm_loss, mlm_correct=mlm_correct, mlm_count=mlm_count,
               nsp_loss=nsp_loss, nsp_correct=nsp_correct, nsp_count=nsp_count)
 
 
 def gpt_sums(outputs: dict, batch: dict) -> dict:
-  lm_loss, lm_correct, lm_count = _xent_sums(
+  lm_loss, lm_correct, lm_count = xent_sums(
       outputs["logits"], batch["targets"], batch["loss_weights"].astype(jnp.float32))
   return dict(lm_loss=lm_loss, lm_correct=lm_correct, lm_count=lm_count)
 

@@ -1,6 +1,8 @@
 """The train and eval steps: pure functions of (state, batch), jitted by the caller.
 
 state = {"step": int32[], "params": tree, "opt_state": tree, "rng": key data}.
+The train step's metrics: the objective's sums, `grad_norm`, `batch_loss` (the loss it
+differentiated) and `finite` (loss and gradient norm finite).
 """
 
 from typing import Callable
@@ -23,7 +25,6 @@ def make_train_step(model, tx: optax.GradientTransformation, objective: Objectiv
                     train_cfg) -> Callable:
   accum = train_cfg.grad_accum_steps
   skip_nonfinite = train_cfg.nonfinite == "skip"
-  inject_nan_at = train_cfg.inject_nan_at_step
 
   def micro_grads(params, micro, totals, rng):
     def loss_fn(p):
@@ -54,9 +55,6 @@ def make_train_step(model, tx: optax.GradientTransformation, objective: Objectiv
       (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro_BxX))
 
     loss = objective.loss(sums, totals)
-    if inject_nan_at >= 0:  # test hook: poison the loss at one step
-      loss = jnp.where(state["step"] == inject_nan_at, jnp.nan, loss)
-      grads = jax.tree.map(lambda g: jnp.where(state["step"] == inject_nan_at, jnp.nan, g), grads)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -65,8 +63,11 @@ def make_train_step(model, tx: optax.GradientTransformation, objective: Objectiv
       params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                        (params, opt_state), (state["params"], state["opt_state"]))
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
-    metrics = dict(sums, loss=loss, grad_norm=grad_norm, finite=finite)
-    return new_state, metrics
+    metrics = dict(sums, grad_norm=grad_norm)
+    if skip_nonfinite:  # a skipped update adds nothing to the logged averages
+      metrics = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), metrics)
+    # batch_loss: the objective's own sums may hold a key named "loss"; never overwrite it.
+    return new_state, dict(metrics, batch_loss=loss, finite=finite)
 
   return train_step
 

@@ -1,0 +1,117 @@
+"""The train state, sharded from the start, built in one place.
+
+  state = {"step": int32[], "params": tree, "opt_state": tree, "rng": key data}
+
+`Layout` is what the state and a batch look like on the mesh (abstract shapes and
+shardings), computed without allocating anything, so `plmjax compile` can use it with
+devices that are not attached. `create` then fills it: restore the newest readable
+checkpoint of the workdir; else load initial weights (`init_params`: fine-tuning's
+--init); else initialise.
+"""
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from plmjax.train import checkpoint, sharding
+from plmjax.train.optimizer import make_optimizer
+from plmjax.train.step import model_inputs
+
+@dataclasses.dataclass
+class Layout:
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  tx: optax.GradientTransformation
+  abstract: dict  # ShapeDtypeStructs of the state, with their shardings
+  shardings: dict  # NamedShardings of the state
+  batch_sharding: jax.sharding.NamedSharding
+
+  def context(self):
+    """The mesh and logical-axis rules: enter it to trace or run the model."""
+    return MeshRules(self.mesh, self.rules)
+
+
+class MeshRules:
+  """Enters the mesh and the logical-axis rules (needed while tracing the model)."""
+
+  def __init__(self, mesh, rules):
+    self.mesh, self.rules = mesh, rules
+
+  def __enter__(self):
+    self._rules = nn.logical_axis_rules(self.rules)
+    self._rules.__enter__()
+    self._mesh = jax.set_mesh(self.mesh) if hasattr(jax, "set_mesh") else self.mesh
+    self._mesh.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    self._mesh.__exit__(*exc)
+    self._rules.__exit__(*exc)
+
+
+def _init_fn(model, example_batch):
+  # Parameters depend on the input shapes only: one row of zeros stands for the batch.
+  row = {k: jnp.zeros((1,) + tuple(v.shape[1:]), v.dtype) for k, v in example_batch.items()}
+
+  def init_boxed(rng):
+    return model.init({"params": rng, "dropout": rng}, row["input_ids"], **model_inputs(row),
+                      deterministic=True)["params"]
+  return init_boxed
+
+
+def layout(config, model, example_batch: dict, devices=None) -> Layout:
+  """`example_batch`: arrays or ShapeDtypeStructs of one batch (only shapes are read)."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.check_batch(config.train.batch_size, config.train.grad_accum_steps, mesh)
+  rules = tuple(tuple(r) for r in config.sharding.logical_axis_rules)
+  tx = make_optimizer(config.train)
+  repl = sharding.replicated(mesh)
+  with MeshRules(mesh, rules):
+    boxed = jax.eval_shape(_init_fn(model, example_batch), jax.random.PRNGKey(0))
+    param_sharding = sharding.logical_shardings(boxed, mesh, rules)
+  abstract_params = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      nn.meta.unbox(boxed), param_sharding)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_sharding = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sharding,
+                                       transform_non_params=lambda _: repl)
+  shardings = dict(step=repl, params=param_sharding, opt_state=opt_sharding, rng=repl)
+  rng_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.PRNGKey(0)))
+  shapes = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                opt_state=abstract_opt, rng=rng_shape)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
+  return Layout(mesh, rules, tx, abstract, shardings, sharding.batch_sharding(mesh))
+
+
+def create(lay: Layout, model, example_batch, seed: int, workdir: str, config,
+           init_params: Callable | None = None, warn=print):
+  """(state, meta): meta is the restored checkpoint's (None for a fresh start)."""
+  mngr = checkpoint.manager(workdir, config)
+  try:
+    found = checkpoint.restore_latest_readable(
+        mngr, lay.abstract["params"], lay.abstract["opt_state"], warn)
+  finally:
+    mngr.close()
+  repl = lay.shardings["step"]
+  if found is not None:
+    step, params, opt_state, meta = found
+    state = dict(step=jnp.int32(step), params=params, opt_state=opt_state,
+                 rng=np.asarray(meta["rng"], np.uint32))
+    return jax.device_put(state, lay.shardings), meta
+  init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
+  if init_params is not None:
+    params = jax.device_put(init_params(lay.abstract["params"]), lay.shardings["params"])
+  else:
+    with lay.context():
+      params = jax.jit(lambda r: nn.meta.unbox(_init_fn(model, example_batch)(r)),
+                       out_shardings=lay.shardings["params"])(init_rng)
+  opt_state = jax.jit(lay.tx.init, out_shardings=lay.shardings["opt_state"])(params)
+  state = dict(step=jax.device_put(jnp.int32(0), repl), params=params, opt_state=opt_state,
+               rng=jax.device_put(jax.random.key_data(dropout_rng), repl))
+  return state, None
