@@ -2,7 +2,7 @@
 """Cloud TPU VMs: create one, install plmjax on every worker, run, follow, stop, delete.
 
   python launch/tpu_vm.py create --name my-tpu --zone us-central2-b --accelerator-type v4-32
-  python launch/tpu_vm.py setup  --name my-tpu --zone us-central2-b        # copies this checkout
+  python launch/tpu_vm.py setup  --name my-tpu --zone us-central2-b --bucket MY_BUCKET
   python launch/tpu_vm.py run    --name my-tpu --zone us-central2-b \\
       --config configs/bert_base.py --workdir /mnt/MY_BUCKET/runs/bert --config.train.steps=1000
   python launch/tpu_vm.py logs   --name my-tpu --zone us-central2-b
@@ -11,11 +11,22 @@
 
 Every subcommand takes --dry-run (print the exact commands, run nothing) and --project.
 `create --spot` asks for Spot capacity; `--queued` goes through a queued resource (then
-pass --queued to `status` and `delete` too). The run is started detached on every
-worker (`--worker=all`), so closing the terminal does not stop it; its output goes to
+pass --queued to `status` and `delete` too). `setup` copies this checkout (or clones
+--repo) and installs it on every worker; with --bucket it also installs Cloud Storage
+FUSE and mounts the bucket at the same path on every worker (/mnt/BUCKET, or --mount),
+with --implicit-dirs; a bucket already mounted there is left alone.
+
+`run` first compiles the pretraining step here for the TPU's accelerator type
+(`plmjax compile`, needs `pip install -e '.[tpu]'` on this machine; the type comes from
+--accelerator-type, else from `describe`) and refuses to start a step that does not fit
+in HBM; --no-compile-check skips that. The run is started detached on every worker
+(`--worker=all`), so closing the terminal does not stop it; its output goes to
 ~/plmjax-run.log on each worker and `logs` follows worker 0's. --workdir must be a path
 every worker sees: a bucket mounted with Cloud Storage FUSE at the same place on each
-worker (a bare gs:// workdir is not supported yet); tfds data may be on gs://.
+worker (a bare gs:// workdir is not supported yet); tfds data may be on gs://. Before
+starting, each worker checks with `findmnt -T WORKDIR -t fuse.gcsfuse` (on the nearest
+existing parent if WORKDIR does not exist yet) and prints a `warning:` line when the
+workdir is not on a gcsfuse mount there; the run starts anyway.
 """
 
 import argparse
@@ -23,11 +34,12 @@ import os
 import pathlib
 import re
 import shlex
+import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runner import LaunchError, Runner, main_guard  # noqa: E402
+from runner import LaunchError, Runner, main_guard, shell_line  # noqa: E402
 
 DEFAULT_RUNTIME = "tpu-ubuntu2204-base"
 CODE_DIR = "$HOME/plmjax"  # on each worker
@@ -39,6 +51,7 @@ TARBALL = "plmjax-code.tar.gz"  # in the worker's home
 # Shell test: the recorded run is alive (a zombie not yet reaped counts as ended).
 ALIVE = f'[ -s {PID} ] && ps -o stat= -p "$(cat {PID})" | grep -qv Z'
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+KEYRING = "/usr/share/keyrings/cloud.google.asc"  # Google's apt key, for gcsfuse
 EXCLUDES = (".git", "*.egg-info", "__pycache__", ".pytest_cache", "venv", ".venv", "runs",
             "workdirs", "*.log")
 
@@ -80,6 +93,7 @@ def install_command(ns) -> str:
 
 
 def setup(ns, runner: Runner):
+  bucket, mount = bucket_and_mount(ns)  # checked before anything runs
   if ns.repo:
     ref = shlex.quote(ns.branch or "HEAD")
     branch = f"--branch {shlex.quote(ns.branch)} " if ns.branch else ""
@@ -87,17 +101,57 @@ def setup(ns, runner: Runner):
              f"&& git -C {CODE_DIR} checkout --force FETCH_HEAD; else git clone --depth 1 "
              f"{branch}{shlex.quote(ns.repo)} {CODE_DIR}; fi")
     runner.run(ssh(ns, f"set -e; {fetch}; {install_command(ns)}"))
-    return
-  code = pathlib.Path(ns.local_code or REPO_ROOT).resolve()
-  if not (code / "pyproject.toml").is_file():
-    raise LaunchError(f"--local-code {str(code)!r} has no pyproject.toml; point it at the "
-                      "plmjax checkout to copy")
-  tarball = pathlib.Path(tempfile.gettempdir()) / f"plmjax-code-{ns.name}.tar.gz"
-  runner.run(["tar", "-czf", str(tarball), *(f"--exclude={e}" for e in EXCLUDES),
-              "-C", str(code), "."])
-  runner.run(gcloud(ns, "tpu-vm", "scp", str(tarball), f"{ns.name}:{TARBALL}", "--worker=all"))
-  unpack = f"mkdir -p {CODE_DIR} && tar -xzf $HOME/{TARBALL} -C {CODE_DIR}"
-  runner.run(ssh(ns, f"set -e; {unpack}; {install_command(ns)}"))
+  else:
+    code = pathlib.Path(ns.local_code or REPO_ROOT).resolve()
+    if not (code / "pyproject.toml").is_file():
+      raise LaunchError(f"--local-code {str(code)!r} has no pyproject.toml; point it at the "
+                        "plmjax checkout to copy")
+    tarball = pathlib.Path(tempfile.gettempdir()) / f"plmjax-code-{ns.name}.tar.gz"
+    runner.run(["tar", "-czf", str(tarball), *(f"--exclude={e}" for e in EXCLUDES),
+                "-C", str(code), "."])
+    runner.run(gcloud(ns, "tpu-vm", "scp", str(tarball), f"{ns.name}:{TARBALL}",
+                      "--worker=all"))
+    unpack = f"mkdir -p {CODE_DIR} && tar -xzf $HOME/{TARBALL} -C {CODE_DIR}"
+    runner.run(ssh(ns, f"set -e; {unpack}; {install_command(ns)}"))
+  if bucket:
+    runner.run(ssh(ns, mount_command(bucket, mount)))
+
+
+def bucket_and_mount(ns) -> tuple[str, str]:
+  """--bucket without gs://, and where it goes; ("", "") without --bucket."""
+  if not ns.bucket:
+    if ns.mount:
+      raise LaunchError("--mount needs --bucket: say which bucket to mount there")
+    return "", ""
+  bucket = ns.bucket.removeprefix("gs://").rstrip("/")
+  if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]", bucket):
+    raise LaunchError(f"--bucket {ns.bucket!r} is not a bucket name such as my-bucket or "
+                      "gs://my-bucket (a folder inside it is not supported)")
+  mount = ns.mount or f"/mnt/{bucket}"
+  if not re.fullmatch(r"/[A-Za-z0-9._/-]+", mount):
+    raise LaunchError(f"--mount {ns.mount!r} is not an absolute path of letters, digits and "
+                      f"._-/ such as /mnt/{bucket}")
+  return bucket, mount
+
+
+def mount_command(bucket: str, mount: str) -> str:
+  """Each worker: install gcsfuse from Google's apt repository (unless there), then mount
+  the bucket as this user. gcsfuse runs as a daemon, so the mount outlives the ssh session
+  (not a reboot: run setup again). A mount already there is left alone."""
+  install = (f'echo "deb [signed-by={KEYRING}] https://packages.cloud.google.com/apt '
+             f'gcsfuse-$(lsb_release -c -s) main" | sudo tee /etc/apt/sources.list.d/gcsfuse.list'
+             f" > /dev/null && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg"
+             f" | sudo tee {KEYRING} > /dev/null && sudo apt-get update -qq && "
+             f"sudo apt-get install -y -qq -o DPkg::Lock::Timeout=300 gcsfuse")
+  return (f"set -eo pipefail; now=$(findmnt -n -o SOURCE -M {mount} || true); "
+          f'if [ "$now" = {bucket} ]; then '
+          f'echo "gs://{bucket} is already mounted at {mount} on $(hostname)"; exit 0; fi; '
+          f'if [ -n "$now" ]; then echo "{mount} on $(hostname) already has $now mounted; '
+          f'choose another --mount" >&2; exit 1; fi; '
+          f"command -v gcsfuse > /dev/null || ({install}); "
+          f"sudo mkdir -p {mount}; sudo chown $(id -u):$(id -g) {mount}; "
+          f"gcsfuse --implicit-dirs {bucket} {mount}; "
+          f'echo "mounted gs://{bucket} at {mount} on $(hostname)"')
 
 
 def run_command(ns) -> str:
@@ -115,6 +169,7 @@ def run_command(ns) -> str:
       raise LaunchError(f"--env {item!r} is not KEY=VALUE")
     env[key] = value
   exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+  check = mount_check(ns.workdir) if ns.workdir and not ns.workdir.startswith("gs://") else ""
   plmjax = " ".join([f"{VENV}/bin/plmjax"] + [shlex.quote(a) for a in args])
   # The inner bash writes its own pid (setsid makes it a process-group leader, so `stop`
   # ends its children too) and the exit status for `logs`; nohup outlives the ssh session.
@@ -122,10 +177,20 @@ def run_command(ns) -> str:
   return (f"set -e; cd {CODE_DIR}; "
           f"if {ALIVE}; then "
           f"echo \"a plmjax run is still going on $(hostname) (pid $(cat {PID})); "
-          f"end it with: tpu_vm.py stop\" >&2; exit 1; fi; rm -f {PID} {EXIT}; "
+          f"end it with: tpu_vm.py stop\" >&2; exit 1; fi; {check}rm -f {PID} {EXIT}; "
           f"env {exports} setsid nohup bash -c {job} {plmjax} > {LOG} 2>&1 < /dev/null & "
           f"for i in $(seq 50); do [ -s {PID} ] && break; sleep 0.1; done; "
           f"echo \"started on $(hostname): pid $(cat {PID}), log {LOG}\"")
+
+
+def mount_check(workdir: str) -> str:
+  """Shell: a `warning:` line when the workdir (or, before it exists, its nearest existing
+  parent) is not on a gcsfuse mount of this worker."""
+  w = shlex.quote(workdir)
+  return (f'd={w}; while [ ! -e "$d" ]; do d=$(dirname "$d"); done; '
+          f'findmnt -T "$d" -t fuse.gcsfuse > /dev/null || echo "warning: --workdir "{w}" is '
+          f"not on a Cloud Storage FUSE mount on $(hostname), so the workers do not share it "
+          f'(tpu_vm.py setup --bucket BUCKET mounts one on every worker)" >&2; ')
 
 
 def logs_command() -> str:
@@ -150,9 +215,67 @@ def run(ns, runner: Runner):
           "tokenizer with plain file I/O; mount the bucket with gcsfuse on every worker and "
           "pass the mounted path (checkpoints alone may go to gs:// with "
           "--config.checkpoint.dir)", file=sys.stderr)
-  runner.run(ssh(ns, run_command(ns)))
+  command = run_command(ns)
+  if ns.compile_check and ns.command == "pretrain":
+    compile_check(ns, runner)
+  runner.run(ssh(ns, command))
   if ns.follow:
     logs(ns, runner)
+
+
+def accelerator_type(ns, runner: Runner) -> str:
+  """--accelerator-type, else what `describe` says (a placeholder in a dry run)."""
+  if ns.accelerator_type:
+    return ns.accelerator_type
+  cmd = gcloud(ns, "tpu-vm", "describe", ns.name, "--format=value(acceleratorType)")
+  if runner.dry_run:
+    runner.run(cmd)
+    return "ACCELERATOR_TYPE"
+  print(f"+ {shell_line(cmd)}", file=sys.stderr, flush=True)
+  try:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+  except FileNotFoundError:
+    raise LaunchError("'gcloud' is not installed or not on PATH") from None
+  if done.returncode != 0 or not done.stdout.strip():
+    said = (done.stderr.strip().splitlines() or ["it printed nothing"])[-1]
+    raise LaunchError(f"could not read the accelerator type of {ns.name} ({said}); pass "
+                      "--accelerator-type, or --no-compile-check")
+  return done.stdout.strip()
+
+
+def compile_check(ns, runner: Runner):
+  """`plmjax compile` on this machine, for the TPU's accelerator type: exit status 0 fits,
+  3 does not fit in HBM (its last line says by how much), 2 bad input or no libtpu."""
+  if not ns.config:
+    raise LaunchError("pass --config: pretrain needs one (or --no-compile-check to skip the "
+                      "compile check)")
+  cmd = [sys.executable, "-m", "plmjax.cli", "compile", "--config",
+         str(REPO_ROOT / ns.config), "--topology", accelerator_type(ns, runner),
+         *(a for a in ns.overrides if a.startswith("--config."))]
+  if runner.dry_run:
+    runner.run(cmd)
+    return
+  print(f"+ {shell_line(cmd)}", file=sys.stderr, flush=True)
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:  # shown as it comes: compiling takes a while
+    print(line, end="", file=sys.stderr, flush=True)
+    if line.strip():
+      lines.append(line.strip())
+  rc = proc.wait()
+  if rc == 0:
+    return
+  if rc == 3:
+    raise LaunchError("not starting: the train step does not fit in the TPU's memory (see the "
+                      "line above); change the config, or pass --no-compile-check to start "
+                      "anyway")
+  said = "\n".join(lines)
+  if "pip install 'plmjax[tpu]'" in said or "No module named 'plmjax" in said:
+    raise LaunchError(f"not starting: the compile check needs plmjax and libtpu in this "
+                      f"Python: {shlex.quote(sys.executable)} -m pip install -e '.[tpu]' in "
+                      f"{REPO_ROOT}, or pass --no-compile-check")
+  raise LaunchError(f"not starting: the compile check failed with exit status {rc}: "
+                    f"{lines[-1] if lines else 'no output'} (or pass --no-compile-check)")
 
 
 def logs(ns, runner: Runner):
@@ -210,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--branch", default="", help="with --repo: branch or tag")
   p.add_argument("--python", default="3.11", help="Python version for the venv")
   p.add_argument("--jax", default="jax[tpu]", help="jax requirement, e.g. 'jax[tpu]==0.10.2'")
+  p.add_argument("--bucket", default="",
+                 help="also mount this Cloud Storage bucket on every worker with gcsfuse")
+  p.add_argument("--mount", default="", help="with --bucket: where (default /mnt/BUCKET)")
   p.set_defaults(func=setup)
 
   p = sub.add_parser("run", parents=[common], help="start plmjax on every worker")
@@ -221,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="environment variable for the run (repeatable)")
   p.add_argument("--no-follow", dest="follow", action="store_false",
                  help="return after starting instead of following worker 0's log")
+  p.add_argument("--accelerator-type", default="",
+                 help="for the compile check (default: what `describe` says), e.g. v4-32")
+  p.add_argument("--no-compile-check", dest="compile_check", action="store_false",
+                 help="start without first compiling the step here (plmjax compile)")
   p.set_defaults(func=run)
 
   p = sub.add_parser("logs", parents=[common], help="follow a worker's log until the run ends")

@@ -1,6 +1,7 @@
 """plmjax: pretrain, fine-tune and export BERT and GPT-2 models in JAX (one subcommand per job).
 
   plmjax pretrain  --config configs/bert_tiny.py --workdir DIR [--config.a.b=V ...]
+  plmjax compile   --config configs/bert_large.py --topology v5e-8 [--out report.json]
   plmjax tokenizer train --input GLOB --vocab-size N --model-type unigram|bpe --out PREFIX
   plmjax export    --workdir DIR --out OUT [--step N] [--dtype float32|bfloat16]
   plmjax import-hf --model HF_DIR --workdir DIR
@@ -14,8 +15,11 @@ traceback. Any other exception is a bug and shows its traceback.
 """
 
 import argparse
+import glob
 import importlib
 import importlib.metadata
+import importlib.util
+import os
 import sys
 
 from plmjax.errors import UserError
@@ -23,6 +27,7 @@ from plmjax.errors import UserError
 # subcommand -> module with `add_arguments(parser)` and `main(args, overrides)`.
 COMMANDS = {
     "pretrain": ("plmjax.train.pretrain", "pretrain a BERT or GPT model"),
+    "compile": ("plmjax.train.compile", "compile the train step for a TPU slice: will it fit?"),
     "tokenizer": ("plmjax.data.tokenizer_cli", "train a sentencepiece tokenizer"),
     "export": ("plmjax.export.export", "export a checkpoint to a Hugging Face directory"),
     "import-hf": ("plmjax.export.import_hf", "import a Hugging Face BERT/GPT-2 directory"),
@@ -73,6 +78,7 @@ def main(argv=None, hooks=()):
     unknown = [a for a in extra if not a.startswith("--config.")]
     if unknown:
       parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    _leave_out_absent_accelerators()
     module = importlib.import_module(COMMANDS[args.command][0])
     _parse_absl_flags()
     if hooks:
@@ -91,6 +97,26 @@ def main(argv=None, hooks=()):
   except KeyboardInterrupt:
     print("plmjax: interrupted", file=sys.stderr)
     return 130
+
+
+def _leave_out_absent_accelerators():
+  """With libtpu (the tpu extra) or jax's CUDA plugin installed on a machine without that
+  hardware, jax would try the backend and the library would print warnings on stderr:
+  use the accelerators that are there, and the CPU, unless JAX_PLATFORMS says otherwise.
+  `plmjax compile` still compiles for TPU slices and GPUs that are not attached."""
+  if os.environ.get("JAX_PLATFORMS"):
+    return
+  libtpu = importlib.util.find_spec("libtpu") is not None
+  cuda = importlib.util.find_spec("jax_cuda12_plugin") is not None
+  if not (libtpu or cuda):
+    return
+  has_tpu = libtpu and bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+  has_gpu = bool(glob.glob("/dev/nvidia[0-9]*"))
+  if (has_tpu or not libtpu) and (has_gpu or not cuda):
+    return  # nothing installed that lacks its hardware: jax's own choice
+  platforms = ["tpu"] * has_tpu + ["cuda"] * has_gpu + ["cpu"]
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_platforms", ",".join(platforms))
 
 
 def _parse_absl_flags():

@@ -4,7 +4,7 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # also with libtpu installed (the tpu extra)
 # Identical programs (the same tiny model built by several tests, subprocess runs)
 # compile once per suite run: XLA executables are cached on disk by their HLO.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/plmjax-test-jax-cache")

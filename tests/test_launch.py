@@ -28,6 +28,7 @@ with open(os.environ["FAKE_LOG"], "a") as f:
                       "env": env, "cwd": os.getcwd()}}) + "\\n")
 if os.environ.get("PLMJAX_PROCESS_ID", "-") == os.environ.get("FAKE_FAIL_ID"):
   sys.exit(3)
+print(os.environ.get("FAKE_STDOUT", ""), end="")
 time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
 sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
 """
@@ -48,6 +49,36 @@ echo "$*" > "$FAKE_LOG.srun"
 n=1
 while [[ "$1" == -* ]]; do [[ "$1" == --ntasks=* ]] && n=${1#--ntasks=}; shift; done
 for ((i = 0; i < n; i++)); do SLURM_PROCID=$i "$@" || exit $?; done
+"""
+
+# Worker-side stand-ins for setup --bucket and the workdir check. findmnt: `-T DIR -t
+# fuse.gcsfuse` succeeds when FAKE_ON_GCSFUSE is set; `-n -o SOURCE -M DIR` prints
+# FAKE_MOUNTED. sudo records (with what `tee` was given) and runs nothing, except that
+# `apt-get install` puts a recording gcsfuse next to it.
+FAKE_FINDMNT = """#!/bin/bash
+echo "$*" >> "$FAKE_LOG.findmnt"
+if [ "$1" = -T ]; then [ -n "$FAKE_ON_GCSFUSE" ]; exit; fi
+[ -n "$FAKE_MOUNTED" ] && echo "$FAKE_MOUNTED"
+"""
+
+FAKE_SUDO = f"""#!{sys.executable}
+import json, os, shutil, sys
+stdin = sys.stdin.read() if sys.argv[1] == "tee" else None
+with open(os.environ["FAKE_LOG"], "a") as f:
+  f.write(json.dumps({{"prog": "sudo", "argv": sys.argv[1:], "stdin": stdin}}) + "\\n")
+if sys.argv[1] == "apt-get" and "install" in sys.argv:
+  bin_dir = os.path.dirname(sys.argv[0])
+  shutil.copy(os.path.join(bin_dir, "curl"), os.path.join(bin_dir, "gcsfuse"))
+"""
+
+# `python -m plmjax.cli compile ...` finds this package first (PYTHONPATH): it records its
+# arguments, prints FAKE_COMPILE_SAYS and exits with FAKE_COMPILE_EXIT.
+FAKE_COMPILE = """import json, os, sys
+with open(os.environ["FAKE_LOG"], "a") as f:
+  f.write(json.dumps({"prog": "plmjax.cli", "argv": sys.argv[1:]}) + "\\n")
+print("compiling the train step ...")
+print(os.environ.get("FAKE_COMPILE_SAYS", "fits: 12.1 of 31.2 GiB of HBM per chip"))
+sys.exit(int(os.environ.get("FAKE_COMPILE_EXIT", "0")))
 """
 
 FAKE_SCONTROL = """#!/bin/bash
@@ -222,7 +253,8 @@ def test_tpu_setup_from_git(fake):
 
 def test_tpu_run_starts_on_all_workers_and_follows(fake):
   args = ["run", *TPU, "--config", "configs/bert_base.py", "--workdir", "/mnt/bkt/runs/b",
-          "--config.train.steps=100", "--env", "GREETING=hi there", "--", "--debug"]
+          "--config.train.steps=100", "--env", "GREETING=hi there", "--no-compile-check",
+          "--", "--debug"]
   dry = dry_lines(run_script(fake, "tpu_vm.py", "run", "--dry-run", *args[1:]))
   assert fake.records() == []
   assert run_script(fake, "tpu_vm.py", *args).returncode == 0
@@ -264,7 +296,8 @@ def _wait_gone(pid_file: pathlib.Path, seconds=20):
 def test_tpu_worker_side_run_logs_stop(fake, tmp_path):
   """The ssh command lines, run in a sandbox HOME with a stand-in plmjax."""
   args = ["--config", "configs/bert_base.py", "--workdir", "gs://bkt/r",
-          "--config.train.steps=100", "--env", "GREETING=hi there", "--no-follow", "--dry-run"]
+          "--config.train.steps=100", "--env", "GREETING=hi there", "--no-follow",
+          "--no-compile-check", "--dry-run"]
   [start] = dry_lines(run_script(fake, "tpu_vm.py", "run", *TPU, *args))
   [logs] = dry_lines(run_script(fake, "tpu_vm.py", "logs", *TPU, "--dry-run"))
   [stop] = dry_lines(run_script(fake, "tpu_vm.py", "stop", *TPU, "--dry-run"))
@@ -295,6 +328,176 @@ def test_tpu_worker_side_run_logs_stop(fake, tmp_path):
   assert stopped.returncode == 0 and "stopped pid" in stopped.stdout, stopped.stderr
   _wait_gone(home / "plmjax-run.pid", seconds=5)
   assert "no plmjax run" in on_worker(stop).stdout
+
+
+def test_tpu_setup_bucket_dry_run_and_bad_input(fake):
+  repo = ["--repo", "https://example.com/plmjax.git"]
+  install, mount = dry_lines(run_script(fake, "tpu_vm.py", "setup", *TPU, *repo, "--bucket",
+                                        "gs://my-bkt/", "--dry-run"))
+  assert mount[4:7] == ["ssh", "tpu1", "--worker=all"] and install[4:7] == mount[4:7]
+  assert "gcsfuse --implicit-dirs my-bkt /mnt/my-bkt;" in command_of(mount)
+  [_, there] = dry_lines(run_script(fake, "tpu_vm.py", "setup", *TPU, *repo, "--bucket",
+                                    "my-bkt", "--mount", "/data/bkt", "--dry-run"))
+  assert "gcsfuse --implicit-dirs my-bkt /data/bkt;" in command_of(there)
+  for args, message in [
+      (["--bucket", "My_Bucket"], "--bucket 'My_Bucket' is not a bucket name"),
+      (["--bucket", "gs://bkt/runs"], "a folder inside it is not supported"),
+      (["--bucket", "bkt", "--mount", "data/bkt"], "--mount 'data/bkt' is not an absolute path"),
+      (["--mount", "/data/bkt"], "--mount needs --bucket")]:
+    bad = run_script(fake, "tpu_vm.py", "setup", *TPU, *repo, *args, "--dry-run")
+    assert bad.returncode == 2 and bad.stdout == "", args
+    assert len(bad.stderr.splitlines()) == 1 and message in bad.stderr, (args, bad.stderr)
+
+
+def test_tpu_setup_bucket_on_worker(fake, tmp_path):
+  """The mount command in a sandbox: installs gcsfuse once, mounts, then leaves it alone."""
+  mount = tmp_path / "mnt" / "my-bkt"
+  [_, line] = dry_lines(run_script(fake, "tpu_vm.py", "setup", *TPU, "--repo", "r",
+                                   "--bucket", "my-bkt", "--mount", str(mount), "--dry-run"))
+  bin_dir = tmp_path / "workerbin"
+  _write_exe(bin_dir / "findmnt", FAKE_FINDMNT)
+  _write_exe(bin_dir / "sudo", FAKE_SUDO)
+  _write_exe(bin_dir / "curl", RECORDER)
+  _write_exe(bin_dir / "lsb_release", "#!/bin/bash\n[ \"$*\" = \"-c -s\" ] && echo jammy\n")
+  env = {**fake.env, "PATH": f"{bin_dir}{os.pathsep}{fake.env['PATH']}"}
+
+  def on_worker(**extra):
+    (tmp_path / "calls.jsonl").unlink(missing_ok=True)
+    done = subprocess.run(["bash", "-c", command_of(line)], capture_output=True, text=True,
+                          env={**env, **extra}, timeout=60)
+    return done, [[r["prog"], *r["argv"]] for r in fake.records()]
+
+  keyring = "/usr/share/keyrings/cloud.google.asc"
+  owner = f"{os.getuid()}:{os.getgid()}"
+  mounting = [["sudo", "mkdir", "-p", str(mount)], ["sudo", "chown", owner, str(mount)],
+              ["gcsfuse", "--implicit-dirs", "my-bkt", str(mount)]]
+  done, calls = on_worker()
+  assert done.returncode == 0, done.stderr
+  assert calls == [
+      ["sudo", "tee", "/etc/apt/sources.list.d/gcsfuse.list"],
+      ["curl", "-fsSL", "https://packages.cloud.google.com/apt/doc/apt-key.gpg"],
+      ["sudo", "tee", keyring], ["sudo", "apt-get", "update", "-qq"],
+      ["sudo", "apt-get", "install", "-y", "-qq", "-o", "DPkg::Lock::Timeout=300", "gcsfuse"],
+      *mounting]
+  repo = "https://packages.cloud.google.com/apt gcsfuse-jammy main"
+  assert fake.records()[0]["stdin"] == f"deb [signed-by={keyring}] {repo}\n"
+  assert f"mounted gs://my-bkt at {mount}" in done.stdout
+
+  done, calls = on_worker()  # gcsfuse is there now: not installed again
+  assert done.returncode == 0 and calls == mounting, done.stderr
+  done, calls = on_worker(FAKE_MOUNTED="my-bkt")  # already mounted: nothing to do
+  assert done.returncode == 0 and calls == [], done.stderr
+  assert f"gs://my-bkt is already mounted at {mount}" in done.stdout
+  done, calls = on_worker(FAKE_MOUNTED="other-bkt")
+  assert done.returncode == 1 and calls == []
+  assert "already has other-bkt mounted; choose another --mount" in done.stderr
+
+
+def test_tpu_run_warns_when_workdir_is_not_on_gcsfuse(fake, tmp_path):
+  """Each worker checks the workdir (its nearest existing parent) with findmnt first."""
+  (tmp_path / "bkt").mkdir()
+  workdir = tmp_path / "bkt" / "runs" / "r1"
+  home = _sandbox_worker(tmp_path)
+  _write_exe(tmp_path / "workerbin" / "findmnt", FAKE_FINDMNT)
+  env = {**fake.env, "HOME": str(home),
+         "PATH": f"{tmp_path / 'workerbin'}{os.pathsep}{fake.env['PATH']}"}
+
+  def start(workdir, **extra):
+    [line] = dry_lines(run_script(fake, "tpu_vm.py", "run", *TPU, "--workdir", workdir,
+                                  "--no-follow", "--no-compile-check", "--dry-run"))
+    done = subprocess.run(["bash", "-c", command_of(line)], capture_output=True, text=True,
+                          env={**env, **extra}, timeout=60)
+    assert done.returncode == 0 and "started on" in done.stdout, done.stderr
+    _wait_gone(home / "plmjax-run.pid")
+    return [l for l in done.stderr.splitlines() if l.startswith("warning:")]
+
+  findmnt_log = pathlib.Path(fake.env["FAKE_LOG"] + ".findmnt")
+  [warning] = start(str(workdir))
+  assert warning.startswith(f"warning: --workdir {workdir} is not on a Cloud Storage FUSE "
+                            "mount on ")
+  assert "tpu_vm.py setup --bucket BUCKET" in warning
+  assert findmnt_log.read_text() == f"-T {tmp_path / 'bkt'} -t fuse.gcsfuse\n"
+  assert start(str(workdir), FAKE_ON_GCSFUSE="1") == []
+  findmnt_log.unlink()
+  assert start("gs://bkt/r") == [] and not findmnt_log.exists()  # warned about locally
+
+
+def _fake_compile(fake):
+  """`python -m plmjax.cli` runs FAKE_COMPILE (the launcher's cwd has no plmjax/)."""
+  pkg = fake.dir / "fakepy" / "plmjax"
+  pkg.mkdir(parents=True)
+  (pkg / "__init__.py").write_text("")
+  (pkg / "cli.py").write_text(FAKE_COMPILE)
+  return {"PYTHONPATH": str(fake.dir / "fakepy")}
+
+
+RUN = ["run", *TPU, "--config", "configs/bert_base.py", "--workdir", "/mnt/bkt/r",
+       "--config.train.steps=100", "--no-follow"]
+PASSED_ON = ["--", "--config.model.dropout=0", "--debug"]  # after the launcher's own flags
+COMPILE = [sys.executable, "-m", "plmjax.cli", "compile", "--config",
+           str(ROOT / "configs" / "bert_base.py"), "--topology"]
+OVERRIDES = ["--config.train.steps=100", "--config.model.dropout=0"]
+
+
+def test_tpu_run_compile_check_dry_run(fake):
+  describe = ["gcloud", "compute", "tpus", "tpu-vm", "describe", "tpu1",
+              "--format=value(acceleratorType)", "--zone=us-central2-b"]
+  [*check, start] = dry_lines(run_script(fake, "tpu_vm.py", *RUN, "--dry-run", *PASSED_ON))
+  assert check == [describe, COMPILE + ["ACCELERATOR_TYPE"] + OVERRIDES]
+  assert start[4:7] == ["ssh", "tpu1", "--worker=all"]
+  given = dry_lines(run_script(fake, "tpu_vm.py", *RUN, "--accelerator-type", "v5p-64",
+                               "--dry-run", *PASSED_ON))
+  assert given == [COMPILE + ["v5p-64"] + OVERRIDES, start]
+  for skip in (["--no-compile-check"], ["--command", "finetune"]):
+    [line] = dry_lines(run_script(fake, "tpu_vm.py", *RUN, *skip, "--dry-run", *PASSED_ON))
+    assert line[4:7] == ["ssh", "tpu1", "--worker=all"]
+  assert fake.records() == []
+
+
+def test_tpu_run_compile_check_fits_then_starts(fake):
+  env = _fake_compile(fake)
+  done = run_script(fake, "tpu_vm.py", *RUN, "--accelerator-type", "v4-32", *PASSED_ON,
+                    extra_env=env)
+  assert done.returncode == 0, done.stderr
+  assert "fits: 12.1 of 31.2 GiB of HBM per chip" in done.stderr
+  compiled, started = fake.records()
+  assert compiled["argv"] == COMPILE[3:] + ["v4-32"] + OVERRIDES
+  assert started["prog"] == "gcloud" and started["argv"][3:5] == ["ssh", "tpu1"]
+
+  (fake.dir / "calls.jsonl").unlink()  # the type from `describe`
+  done = run_script(fake, "tpu_vm.py", *RUN, *PASSED_ON,
+                    extra_env={**env, "FAKE_STDOUT": "v5litepod-16\n"})
+  assert done.returncode == 0, done.stderr
+  described, compiled, started = fake.records()
+  assert described["argv"][3:5] == ["describe", "tpu1"]
+  assert compiled["argv"] == COMPILE[3:] + ["v5litepod-16"] + OVERRIDES
+  assert started["argv"][3:5] == ["ssh", "tpu1"]
+
+
+def test_tpu_run_compile_check_refuses(fake):
+  env = _fake_compile(fake)
+  for exit_status, says, message in [
+      ("3", "does not fit: 41.0 GiB of 31.2 GiB of HBM per chip; halve train.batch_size",
+       "not starting: the train step does not fit in the TPU's memory (see the line above); "
+       "change the config, or pass --no-compile-check to start anyway"),
+      ("2", "plmjax: error: libtpu is not installed: pip install 'plmjax[tpu]'",
+       f"{sys.executable} -m pip install -e '.[tpu]' in {ROOT}, or pass --no-compile-check"),
+      ("1", "/usr/bin/python3: No module named 'plmjax'", "-m pip install -e '.[tpu]'"),
+      ("2", "plmjax: error: unknown topology 'v9-8' (known: v4-8, v4-16, ...)",
+       "the compile check failed with exit status 2: plmjax: error: unknown topology 'v9-8' "
+       "(known: v4-8, v4-16, ...) (or pass --no-compile-check)")]:
+    done = run_script(fake, "tpu_vm.py", *RUN, "--accelerator-type", "v9-8", *PASSED_ON,
+                      extra_env={**env, "FAKE_COMPILE_EXIT": exit_status,
+                                 "FAKE_COMPILE_SAYS": says})
+    *shown, error = done.stderr.splitlines()
+    assert done.returncode == 2 and says in shown, done.stderr
+    assert "error: not starting:" in error and message in error, error
+    assert [r["prog"] for r in fake.records()] == ["plmjax.cli"]  # no ssh: nothing started
+    (fake.dir / "calls.jsonl").unlink()
+
+  done = run_script(fake, "tpu_vm.py", *RUN, *PASSED_ON, extra_env={**env, "FAKE_EXIT": "1"})
+  assert done.returncode == 2 and "could not read the accelerator type of tpu1" in done.stderr
+  assert [r["prog"] for r in fake.records()] == ["gcloud"]
 
 
 # ----- one GPU node -----

@@ -187,3 +187,14 @@ def test_worker_processes_give_the_same_batches(data):
   finally:
     resumed.close()
   assert _same(got, expected)
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("bert", {}), ("bert", dict(nsp=False)), ("bert", dict(packing=True)),
+    ("gpt", {}), ("gpt", dict(packing=True))])
+def test_batch_spec_is_what_the_iterator_gives(data, arch, overrides):
+  c = _config(data, arch, **overrides)
+  batch = next(pipeline.make_pretrain_iterator(c, data[arch], batch_size=3))
+  got = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in batch.items()}
+  want = {k: (shape, np.dtype(dtype)) for k, (shape, dtype) in pipeline.batch_spec(c, 3).items()}
+  assert got == want

@@ -33,6 +33,32 @@ def max_pairs_per_row(config) -> int:
   return value if value > 0 else max(1, config.data.max_seq_len // 32)
 
 
+def batch_spec(config, batch_size: int) -> dict[str, tuple[tuple[int, ...], type]]:
+  """{key: (shape, dtype)} of the batches make_pretrain_iterator gives, without reading
+  data (plmjax compile). tests/test_pipeline.py holds it to the real batches."""
+  d, b, length = config.data, batch_size, config.data.max_seq_len
+  i32, f32 = np.int32, np.float32
+  rows = ((b, length), i32)
+  if config.model.arch == "gpt":
+    spec = dict(input_ids=rows, targets=rows, loss_weights=((b, length), f32))
+    if d.packing:
+      spec.update(segment_ids=rows, position_ids=rows)
+    return spec
+  p = d.max_predictions_per_seq
+  spec = dict(input_ids=rows, token_type_ids=rows, attention_mask=rows,
+              masked_positions=((b, p), i32), masked_labels=((b, p), i32),
+              masked_weights=((b, p), f32))
+  if d.packing:
+    s = max_pairs_per_row(config)
+    spec.update(segment_ids=rows, position_ids=rows, cls_positions=((b, s), i32),
+                nsp_labels=((b, s), i32), nsp_weights=((b, s), f32))
+  else:
+    spec["nsp_labels"] = ((b,), i32)
+    if not d.nsp:
+      spec["nsp_weights"] = ((b,), f32)
+  return spec
+
+
 def check_data_config(config, tokenizer):
   """The checks that need the tokenizer (config values alone: plmjax.config.validate)."""
   check_special_tokens(tokenizer, config.model.arch)

@@ -51,6 +51,11 @@ def batch_parallelism(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def num_processes(mesh: Mesh) -> int:
+  """Hosts the mesh spans (the current run's, or a TPU slice's for `plmjax compile`)."""
+  return len({d.process_index for d in mesh.devices.flat})
+
+
 def check_batch(batch_size: int, grad_accum_steps: int, mesh: Mesh):
   micro = batch_size // grad_accum_steps
   ways = batch_parallelism(mesh)
@@ -59,9 +64,10 @@ def check_batch(batch_size: int, grad_accum_steps: int, mesh: Mesh):
         f"config.train.batch_size={batch_size} (micro-batch {micro} with grad_accum_steps="
         f"{grad_accum_steps}) is not divisible by the {ways} data-parallel devices "
         f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); use a multiple of {ways}")
-  if batch_size % jax.process_count():
+  hosts = num_processes(mesh)
+  if batch_size % hosts:
     raise ConfigError(f"config.train.batch_size={batch_size} is not divisible by the "
-                      f"{jax.process_count()} processes")
+                      f"{hosts} processes (hosts)")
 
 
 def logical_shardings(boxed_tree, mesh: Mesh, rules):

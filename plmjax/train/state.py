@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from plmjax import workdir as workdir_lib
 from plmjax.train import checkpoint, sharding
 from plmjax.train.optimizer import make_optimizer
 from plmjax.train.step import model_inputs
@@ -55,10 +56,11 @@ class MeshRules:
 
 
 def _init_fn(model, example_batch):
-  # Parameters depend on the input shapes only: one row of zeros stands for the batch.
-  row = {k: jnp.zeros((1,) + tuple(v.shape[1:]), v.dtype) for k, v in example_batch.items()}
+  shapes = {k: ((1,) + tuple(v.shape[1:]), v.dtype) for k, v in example_batch.items()}
 
   def init_boxed(rng):
+    # Parameters depend on the input shapes only: one row of zeros stands for the batch.
+    row = {k: jnp.zeros(shape, dtype) for k, (shape, dtype) in shapes.items()}
     return model.init({"params": rng, "dropout": rng}, row["input_ids"], **model_inputs(row),
                       deterministic=True)["params"]
   return init_boxed
@@ -71,8 +73,9 @@ def layout(config, model, example_batch: dict, devices=None) -> Layout:
   rules = tuple(tuple(r) for r in config.sharding.logical_axis_rules)
   tx = make_optimizer(config.train)
   repl = sharding.replicated(mesh)
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
   with MeshRules(mesh, rules):
-    boxed = jax.eval_shape(_init_fn(model, example_batch), jax.random.PRNGKey(0))
+    boxed = jax.eval_shape(_init_fn(model, example_batch), key)
     param_sharding = sharding.logical_shardings(boxed, mesh, rules)
   abstract_params = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -92,12 +95,14 @@ def layout(config, model, example_batch: dict, devices=None) -> Layout:
 def create(lay: Layout, model, example_batch, seed: int, workdir: str, config,
            init_params: Callable | None = None, warn=print):
   """(state, meta): meta is the restored checkpoint's (None for a fresh start)."""
-  mngr = checkpoint.manager(workdir, config)
-  try:
-    found = checkpoint.restore_latest_readable(
-        mngr, lay.abstract["params"], lay.abstract["opt_state"], warn)
-  finally:
-    mngr.close()
+  found = None
+  if workdir_lib.checkpoint_steps(workdir, config):  # (a manager would create the directory)
+    mngr = checkpoint.manager(workdir, config)
+    try:
+      found = checkpoint.restore_latest_readable(
+          mngr, lay.abstract["params"], lay.abstract["opt_state"], warn)
+    finally:
+      mngr.close()
   repl = lay.shardings["step"]
   if found is not None:
     step, params, opt_state, meta = found

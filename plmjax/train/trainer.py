@@ -37,6 +37,19 @@ class Result:
   checkpoint_dir: str = ""
 
 
+def jit_steps(lay: state_lib.Layout, model, objective: Objective, train_cfg):
+  """The jitted train step (state donated) and eval step, with explicit shardings.
+  `plmjax compile` lowers this very train step for devices that are not attached."""
+  repl = sharding.replicated(lay.mesh)
+  train_step = jax.jit(make_train_step(model, lay.tx, objective, train_cfg),
+                       in_shardings=(lay.shardings, lay.batch_sharding),
+                       out_shardings=(lay.shardings, repl), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model, objective),
+                      in_shardings=(lay.shardings["params"], lay.batch_sharding),
+                      out_shardings=repl)
+  return train_step, eval_step
+
+
 def warn(message: str):
   print(f"plmjax: warning: {message}", file=sys.stderr, flush=True)
 
@@ -60,13 +73,7 @@ class Trainer:
         self.layout, model, example_batch, config.train.seed, workdir, config,
         init_params=init_params, warn=warn)
     self.start_step = int(self.meta["step"]) if self.meta else 0
-    lay, repl = self.layout, sharding.replicated(self.mesh)
-    self.train_step = jax.jit(make_train_step(model, lay.tx, objective, config.train),
-                              in_shardings=(lay.shardings, lay.batch_sharding),
-                              out_shardings=(lay.shardings, repl), donate_argnums=0)
-    self.eval_step = jax.jit(make_eval_step(model, objective),
-                             in_shardings=(lay.shardings["params"], lay.batch_sharding),
-                             out_shardings=repl)
+    self.train_step, self.eval_step = jit_steps(self.layout, model, objective, config.train)
     if self.is_main:
       self._announce()
 
