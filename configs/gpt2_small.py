@@ -5,6 +5,9 @@ Run:
       --config.data.train='tfds:openwebtext:train' --config.data.tokenizer=spm.model
 
 Expect: validation loss near 3.3 after ~10B tokens (nanoGPT's figure for OpenWebText).
+
+Dropout is 0, attention dropout too (as nanoGPT), so attention runs as one fused kernel:
+splash on TPU, cuDNN on GPU (model.attention_impl=auto; bench/RESULTS.md).
 """
 
 from plmjax.config import base_config

@@ -34,6 +34,7 @@ DEFAULT_AXIS_RULES = (
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("kv", None),
+    ("qkv", None),  # GPT-2's fused c_attn: q, k and v of a head stay on one device
     ("position", None),
     ("type", None),
     ("classes", None),
@@ -94,6 +95,11 @@ def base_config(arch: str = "bert") -> ml_collections.ConfigDict:
       max_nonfinite_in_a_row=10,  # with nonfinite=skip
       stop_after_steps=0,  # >0: checkpoint and exit after this many steps of this invocation
       peak_flops_per_device=0.0,  # 0: look it up in the peak table (for MFU)
+      # model.dtype=float16 only: dynamic loss scaling with torch.amp.GradScaler's rule. The
+      # loss is multiplied by the scale; a step whose gradients overflow is skipped and halves
+      # the scale (never below 1).
+      loss_scale_init=65536.0,  # the first scale: 2**16, GradScaler's init_scale
+      loss_scale_growth_interval=2000,  # overflow-free steps in a row that double the scale
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
@@ -250,7 +256,8 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
               ("data.max_seq_len", d.max_seq_len), ("checkpoint.every_steps",
                                                     config.checkpoint.every_steps),
               ("checkpoint.keep", config.checkpoint.keep),
-              ("train.log_every_steps", t.log_every_steps)]
+              ("train.log_every_steps", t.log_every_steps),
+              ("train.loss_scale_growth_interval", t.loss_scale_growth_interval)]
   for key, value in positive:
     if value <= 0:
       raise ConfigError(f"config.{key}={value} must be a positive integer")
@@ -258,6 +265,14 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     raise ConfigError(f"config.train.learning_rate={t.learning_rate} must be positive")
   if t.decay not in ("linear", "cosine", "constant"):
     raise ConfigError(f"config.train.decay={t.decay!r} is not allowed; use linear, cosine or constant")
+  if t.loss_scale_init < 1:
+    raise ConfigError(f"config.train.loss_scale_init={t.loss_scale_init} must be at least 1 "
+                      "(the loss scale never goes below 1)")
+  if model_cfg.dtype == "float16" and model_cfg.param_dtype != "float32":
+    raise ConfigError(
+        f"config.model.param_dtype={model_cfg.param_dtype!r} with model.dtype='float16': "
+        "loss-scaled float16 training needs float32 master weights (the unscaled gradients "
+        "and small updates underflow in 16 bits); set config.model.param_dtype=float32")
   if t.nonfinite not in ("stop", "skip"):
     raise ConfigError(f"config.train.nonfinite={t.nonfinite!r} is not allowed; use stop or skip")
   if d.max_seq_len > model_cfg.max_position_embeddings:
@@ -265,6 +280,11 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
         f"config.data.max_seq_len={d.max_seq_len} is above the model's position table "
         f"(config.model.max_position_embeddings={model_cfg.max_position_embeddings}); "
         "lower max_seq_len or raise max_position_embeddings")
+  tensor = config.mesh.tensor
+  if tensor > 1 and model_cfg.num_heads % tensor:
+    raise ConfigError(f"config.model.num_heads={model_cfg.num_heads} is not divisible by "
+                      f"config.mesh.tensor={tensor}: tensor parallelism splits whole heads; "
+                      "use a tensor size that divides the heads")
   if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f"config.train.batch_size={t.batch_size} is not divisible by "
                       f"config.train.grad_accum_steps={t.grad_accum_steps}")

@@ -1,4 +1,5 @@
-"""Attention core: masks, the fused path, the einsum (dropout) path, float32 softmax."""
+"""Attention core: masks, the fused path, the einsum (dropout) path, float32 softmax, and
+the kernel choice (resolve_impl; splash itself: tests/test_splash.py)."""
 
 import dataclasses
 
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from plmjax.errors import ConfigError
 from plmjax.models import attention
 from plmjax.models.config import ModelConfig
 
@@ -102,3 +104,66 @@ def _all_eqns(jaxpr):
       inner = getattr(param, "jaxpr", param)  # ClosedJaxpr -> Jaxpr
       if hasattr(inner, "eqns"):
         yield from _all_eqns(inner)
+
+
+# ------------------------------------------------------------- choosing a kernel
+
+
+def _cfg(**kw):
+  return dataclasses.replace(CFG, **{"attention_dropout_rate": 0.0, **kw})
+
+
+@pytest.mark.parametrize("kw, platform, packed, want", [
+    (dict(), "tpu", False, "splash"),
+    (dict(), "tpu", True, "splash"),
+    (dict(dtype="bfloat16"), "gpu", False, "cudnn"),
+    (dict(dtype="bfloat16"), "gpu", True, "xla"),  # no segment ids for cuDNN
+    (dict(), "gpu", False, "xla"),  # float32: cuDNN takes bfloat16 / float16
+    (dict(), "cpu", False, "xla"),
+    (dict(attention_dropout_rate=0.1), "tpu", False, "xla"),
+    (dict(attention_impl="xla"), "tpu", False, "xla"),
+    (dict(attention_impl="splash"), "cpu", False, "splash"),  # Pallas interpret mode
+    (dict(attention_impl="cudnn", dtype="bfloat16"), "gpu", True, "xla"),
+])
+def test_resolve_impl(kw, platform, packed, want):
+  impl, reason = attention.resolve_impl(_cfg(**kw), platform, packed)
+  assert impl == want and reason and "\n" not in reason
+  if "attention_dropout_rate" in kw:
+    assert "config.model.attention_dropout_rate=0.1" in reason
+
+
+def test_fused_kernels_with_attention_dropout_and_cudnn_off_gpu_are_config_errors():
+  for impl in ("splash", "cudnn"):
+    with pytest.raises(ConfigError, match="config.model.attention_dropout_rate=0.1"):
+      dataclasses.replace(CFG, attention_impl=impl, attention_dropout_rate=0.1)
+  with pytest.raises(ConfigError, match="needs a GPU"):
+    attention.resolve_impl(_cfg(attention_impl="cudnn"), "cpu", False)
+  with pytest.raises(ConfigError, match="config.model.dtype=float32"):
+    attention.resolve_impl(_cfg(attention_impl="cudnn"), "gpu", False)
+  assert CFG.attention_impl == "auto"
+
+
+def test_make_mask_outside_a_mesh_resolves_for_the_default_device():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+  assert attention.device_platform(mesh) == attention.device_platform() == "cpu"
+  # Outside a mesh: the default (CPU) device, so auto is xla here.
+  mask = attention.make_mask(_cfg(), jnp.ones((1, 4), jnp.int32))
+  assert mask.impl == "xla" and mask.dense.shape == (1, 1, 4, 4)
+  assert attention.make_mask(_cfg(attention_impl="splash")).impl == "splash"
+  assert attention.make_mask(_cfg(), impl="cudnn").impl == "cudnn"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cudnn_lengths_match_the_mask_path(causal):
+  # The very arguments the cuDNN path passes, run through XLA: right-aligned padding as
+  # lengths must equal the padding mask at every real position.
+  q, k, v = _qkv(length=8)
+  am = jnp.array([[1] * 8, [1] * 5 + [0] * 3])
+  cfg = _cfg(attention_impl="cudnn", dtype="bfloat16")
+  mask = attention.make_mask(cfg, am, impl="cudnn")
+  np.testing.assert_array_equal(mask.lengths_B, [8, 5])
+  got = attention.cudnn_attention(q, k, v, mask.lengths_B, causal=causal, implementation="xla")
+  want = attention.dot_product_attention(q, k, v, attention.padding_mask(am), causal=causal,
+                                         cfg=CFG)
+  real = np.asarray(am, bool)
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-6)

@@ -121,8 +121,10 @@ def test_a_batch_too_large_for_hbm_exits_3_with_what_to_change(tmp_path, capsys)
     (["--topology", "h100-12"], "give 1-8 GPUs, or a multiple of 8"),
     (["--topology", "v4-6"], "no v4 slice of that size is known"),
     (["--topology", "v4-32", "--config.train.batch_size=20"], "not divisible by the 16"),
-    (["--topology", "v5e-16", "--config.train.batch_size=6", "--config.mesh.data=1",
-      "--config.mesh.tensor=16"], "not divisible by the 4 processes"),
+    (["--topology", "v5e-16", "--config.train.batch_size=6", "--config.mesh.data=2",
+      "--config.mesh.tensor=8", "--config.model.num_heads=16"], "not divisible by the 4 processes"),
+    (["--topology", "v4-8", "--config.mesh.data=1", "--config.mesh.tensor=4"],
+     "config.model.num_heads=2 is not divisible by config.mesh.tensor=4"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
   rc = cli.main(["compile", "--config", "configs/bert_tiny.py", *argv])

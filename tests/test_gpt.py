@@ -37,7 +37,7 @@ def test_param_tree_matches_contract(lm):
   _, _, boxed, params = lm
   paths = {"/".join(str(k.key) for k in path): leaf.shape
            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-  d, i = CFG.hidden_size, CFG.intermediate_size
+  d, i, h3k = CFG.hidden_size, CFG.intermediate_size, (3, CFG.num_heads, CFG.head_dim)
   want = {
       "transformer/wte/embedding": (CFG.vocab_size, d),
       "transformer/wpe/embedding": (CFG.max_position_embeddings, d),
@@ -47,8 +47,8 @@ def test_param_tree_matches_contract(lm):
     h = f"transformer/h_{n}"
     want.update({
         f"{h}/ln_1/scale": (d,), f"{h}/ln_1/bias": (d,),
-        f"{h}/attn/c_attn/kernel": (d, 3 * d), f"{h}/attn/c_attn/bias": (3 * d,),
-        f"{h}/attn/c_proj/kernel": (d, d), f"{h}/attn/c_proj/bias": (d,),
+        f"{h}/attn/c_attn/kernel": (d, *h3k), f"{h}/attn/c_attn/bias": h3k,
+        f"{h}/attn/c_proj/kernel": (CFG.num_heads, CFG.head_dim, d), f"{h}/attn/c_proj/bias": (d,),
         f"{h}/ln_2/scale": (d,), f"{h}/ln_2/bias": (d,),
         f"{h}/mlp/c_fc/kernel": (d, i), f"{h}/mlp/c_fc/bias": (i,),
         f"{h}/mlp/c_proj/kernel": (i, d), f"{h}/mlp/c_proj/bias": (d,),
@@ -59,6 +59,11 @@ def test_param_tree_matches_contract(lm):
   for leaf in leaves:
     mesh_axes = [a for a in nn.logical_to_mesh_axes(leaf.names, DEFAULT_AXIS_RULES) if a]
     assert len(mesh_axes) == len(set(mesh_axes)), leaf.names
+  # Whole heads shard over `tensor` (Megatron), not the fused q|k|v columns.
+  attn = boxed["transformer"]["h_0"]["attn"]
+  assert attn["c_attn"]["kernel"].names == ("embed", "qkv", "heads", "kv")
+  assert attn["c_attn"]["bias"].names == ("qkv", "heads", "kv")
+  assert attn["c_proj"]["kernel"].names == ("heads", "kv", "embed")
 
 
 def test_residual_projections_use_scaled_init(lm):

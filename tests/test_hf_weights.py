@@ -65,7 +65,18 @@ def test_bert_kernels_are_transposed_gpt_kernels_are_not():
   np.testing.assert_array_equal(sb["bert.encoder.layer.1.attention.self.query.weight"], query.T)
   c_fc = pg["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"]  # [D, I] both sides
   np.testing.assert_array_equal(sg["transformer.h.0.mlp.c_fc.weight"], c_fc)
-  assert sg["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
+  # Attention keeps heads as an axis (for tensor parallelism); HF's Conv1D is that, flat:
+  # c_attn [D, 3, H, K] -> [D, 3D] (columns q | k | v, each head's K contiguous), c_proj
+  # [H, K, D] -> [D, D].
+  attn = pg["transformer"]["h_0"]["attn"]
+  assert attn["c_attn"]["kernel"].shape == (32, 3, 4, 8)
+  c_attn = sg["transformer.h.0.attn.c_attn.weight"]
+  assert c_attn.shape == (32, 96)
+  np.testing.assert_array_equal(c_attn[:, 32 + 2 * 8:32 + 3 * 8], attn["c_attn"]["kernel"][:, 1, 2])
+  np.testing.assert_array_equal(sg["transformer.h.0.attn.c_attn.bias"],
+                                attn["c_attn"]["bias"].reshape(96))
+  np.testing.assert_array_equal(sg["transformer.h.0.attn.c_proj.weight"][8:16],
+                                attn["c_proj"]["kernel"][1])
 
 
 def test_export_dtypes():
@@ -125,3 +136,10 @@ def test_shape_mismatch_names_the_tensor():
   state["bert.encoder.layer.0.intermediate.dense.weight"] = np.zeros((50, 32), np.float32)
   with pytest.raises(CheckpointError, match=r"layer\.0\.intermediate\.dense\.weight.*\(50, 32\)"):
     hf_weights.from_hf_state_dict(state, params, "bert", "model.safetensors")
+  gpt = tiny_config("gpt")
+  params = random_params(gpt, "lm")
+  state = hf_weights.to_hf_state_dict(params, "gpt")
+  state["transformer.h.1.attn.c_attn.weight"] = np.zeros((32, 64), np.float32)
+  with pytest.raises(CheckpointError, match=r"h\.1\.attn\.c_attn\.weight.*\(32, 64\).*"
+                     r"implies \(32, 96\)"):
+    hf_weights.from_hf_state_dict(state, params, "gpt", "model.safetensors")

@@ -111,7 +111,7 @@ def test_checkpoints_can_live_outside_the_workdir(tmp_path, wiki_sample, capsys)
     ("--config.train.steps=abc", "config.train.steps='abc' is not a valid int"),
     ("--config.model.num_heads=3", "not divisible by config.model.num_heads=3"),
     ("--config.model.dtype=float8", "config.model.dtype='float8' is not allowed"),
-    ("--config.model.attention_impl=flash", "use xla or cudnn"),
+    ("--config.model.attention_impl=flash", "use auto, splash, xla or cudnn"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, capsys, override, message):
   code = cli.main(["pretrain", "--config", "configs/bert_tiny.py", "--workdir",

@@ -5,12 +5,16 @@ mapping is mechanical: `layer_3` <-> `layer.3`, `h_3` <-> `h.3`, and the leaf
 names `kernel`/`embedding`/`scale` <-> `weight`. Two layout facts:
   * BERT uses torch.nn.Linear, whose weight is [out, in]: our [in, out] kernels
     are transposed.
-  * GPT-2 uses its own Conv1D, whose weight is already [in, out]: no transpose.
+  * GPT-2 uses its own Conv1D, whose weight is already [in, out]: no transpose. Its
+    attention projections keep the heads as an axis here (so they shard over `tensor`):
+    c_attn [D, 3, H, K] (bias [3, H, K]) and c_proj [H, K, D] are HF's [D, 3D], [3D] and
+    [D, D] reshaped, the same bytes in the same order.
 Tied weights (the MLM decoder, GPT-2's lm_head) are not stored by Hugging Face
 and not stored by us; old checkpoints that do store them are checked for being
 tied and dropped, and old buffers (position_ids, GPT-2's attn.bias) are ignored.
 """
 
+import math
 import re
 
 import ml_dtypes
@@ -69,6 +73,18 @@ def _transposed(arch: str, path: tuple[str, ...]) -> bool:
   return arch == "bert" and path[-1] == "kernel"
 
 
+def hf_shape(arch: str, path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Hugging Face's shape for our tensor at `path` of `shape` (before any transpose):
+  GPT-2's attention projections merge the (3, heads, head_dim) or (heads, head_dim) axes."""
+  if arch != "gpt" or path[-3:-1] not in (("attn", "c_attn"), ("attn", "c_proj")):
+    return tuple(shape)
+  if path[-2] == "c_attn":  # [D, 3, H, K] -> [D, 3D]; [3, H, K] -> [3D]
+    return (shape[0], math.prod(shape[1:])) if path[-1] == "kernel" else (math.prod(shape),)
+  if path[-1] == "kernel":  # c_proj [H, K, D] -> [D, D]
+    return (math.prod(shape[:-1]), shape[-1])
+  return tuple(shape)
+
+
 def unwrap(params):
   """Accepts {'params': tree} as well as the bare tree."""
   if hasattr(params, "keys") and set(params.keys()) == {"params"}:
@@ -83,6 +99,7 @@ def to_hf_state_dict(params, arch: str, dtype: str = "float32") -> dict[str, np.
   out = {}
   for path, value in flatten(unwrap(params)).items():
     array = np.asarray(value)
+    array = array.reshape(hf_shape(arch, path, array.shape))
     if _transposed(arch, path):
       array = array.T
     # Cast via float32 so bf16 -> f16 (and any other pair) is well defined.
@@ -144,12 +161,13 @@ def from_hf_state_dict(state_dict: dict, abstract_params, arch: str, source: str
     if _transposed(arch, path):
       array = array.T
     want = tuple(expected[path].shape)
-    if array.shape != want:
+    if array.shape != hf_shape(arch, path, want):
       layout = " (stored [out, in], transposed on import)" if _transposed(arch, path) else ""
       raise CheckpointError(
           f"{source}: tensor {name} has shape {tuple(np.asarray(state_dict[name]).shape)}"
-          f"{layout}, but config.json implies {want}: the config and the weights do not match")
-    found[path] = array.astype(expected[path].dtype)
+          f"{layout}, but config.json implies {hf_shape(arch, path, want)}: the config and the "
+          "weights do not match")
+    found[path] = array.reshape(want).astype(expected[path].dtype)
   unused = sorted(set(state_dict) - set(names))
   return found, sorted(missing), unused
 

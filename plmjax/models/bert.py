@@ -73,7 +73,7 @@ class BertModel(nn.Module):
     x = BertEmbeddings(cfg, name="embeddings")(input_ids_BxL, token_type_ids, position_ids,
                                                deterministic)
     x = nn.with_logical_constraint(x, ACT_EMBED)
-    mask = attention.build_mask(attention_mask, segment_ids)
+    mask = attention.make_mask(cfg, attention_mask, segment_ids)
     hidden_BxLxD = BertEncoder(cfg, name="encoder")(x, mask, deterministic)
     out = {"hidden": hidden_BxLxD}
     if self.add_pooling_layer:

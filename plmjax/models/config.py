@@ -13,7 +13,8 @@ from plmjax.errors import ConfigError
 
 ARCHITECTURES = ("bert", "gpt")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "splash", "xla", "cudnn")
+FUSED_ATTENTION = ("splash", "cudnn")  # kernels without attention dropout
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -33,7 +34,9 @@ class ModelConfig:
   initializer_range: float = 0.02
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"  # master weights
-  attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation
+  # auto: splash (TPU), cudnn (GPU) or xla, by the devices the model runs on
+  # (plmjax.models.attention.resolve_impl); or one of them by name.
+  attention_impl: str = "auto"
   remat: str = "none"  # per-layer rematerialisation policy
   num_labels: int = 2  # fine-tuning heads (classification, tagging)
 
@@ -59,7 +62,7 @@ class ModelConfig:
       if getattr(self, key) not in DTYPES:
         bad(key, getattr(self, key), " or ".join(DTYPES))
     if self.attention_impl not in ATTENTION_IMPLS:
-      bad("attention_impl", self.attention_impl, " or ".join(ATTENTION_IMPLS))
+      bad("attention_impl", self.attention_impl, "auto, splash, xla or cudnn")
     if self.remat not in REMAT_POLICIES:
       bad("remat", self.remat, " or ".join(REMAT_POLICIES))
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads",
@@ -76,6 +79,12 @@ class ModelConfig:
     for key in ("dropout_rate", "attention_dropout_rate"):
       if not 0.0 <= getattr(self, key) < 1.0:
         bad(key, getattr(self, key), "a number in [0, 1)")
+    if self.attention_impl in FUSED_ATTENTION and self.attention_dropout_rate > 0:
+      raise ConfigError(
+          f"config.model.attention_impl={self.attention_impl!r} has no attention dropout but "
+          f"config.model.attention_dropout_rate={self.attention_dropout_rate}; set "
+          "--config.model.attention_dropout_rate=0, or attention_impl=auto (which then "
+          "picks xla)")
 
   @classmethod
   def from_config(cls, model_cfg) -> "ModelConfig":

@@ -40,7 +40,8 @@ class GPT2Model(nn.Module):
         raise ValueError("segment_ids (packed rows) are for training; decode takes attention_mask")
       mask, start = self._decode_mask(attention_mask, batch, length)
     if mask is None:  # training, eval, or the init call that sizes the cache
-      mask = attention.build_mask(attention_mask, segment_ids)
+      # Decoding attends over the cache under a dense mask: xla.
+      mask = attention.make_mask(cfg, attention_mask, segment_ids, "xla" if decode else None)
     if position_ids is None:
       position_ids = start + jnp.arange(length)[None, :]
     position_ids = jnp.broadcast_to(position_ids, (batch, length))

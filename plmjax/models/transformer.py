@@ -33,6 +33,39 @@ def dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str,
       name=name)
 
 
+class DenseGeneral(nn.Module):
+  """`dense` for kernels of more than two axes: contracts x's trailing dims with the kernel's
+  leading ones; kernel [in..., out...] named `axes`, bias [out...] named as the out dims.
+
+  Unlike nn.DenseGeneral it initialises the kernel in its own shape, so the logical names
+  fit while a mesh is active; the values equal `dense`'s of the flat [in, out] matrix.
+  """
+  cfg: ModelConfig
+  features: tuple[int, ...]
+  axes: tuple[str, ...]
+  stddev: float
+
+  @nn.compact
+  def __call__(self, x):
+    cfg, n_out = self.cfg, len(self.features)
+    n_in = len(self.axes) - n_out
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(nn.initializers.normal(self.stddev), self.axes),
+        x.shape[x.ndim - n_in:] + tuple(self.features), cfg.weights_dtype)
+    bias = self.param(
+        "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[n_in:]),
+        tuple(self.features), cfg.weights_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=cfg.compute_dtype)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
+
+
+def dense_general(cfg: ModelConfig, features: tuple[int, ...], axes: tuple[str, ...], name: str,
+                  stddev: float | None = None) -> DenseGeneral:
+  stddev = cfg.initializer_range if stddev is None else stddev
+  return DenseGeneral(cfg, tuple(features), tuple(axes), stddev, name=name)
+
+
 def embed(cfg: ModelConfig, num: int, axes: tuple[str, str], name: str) -> nn.Embed:
   return nn.Embed(
       num, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
@@ -155,15 +188,20 @@ class GPT2Attention(nn.Module):
     cfg = self.cfg
     d = cfg.hidden_size
     resid_std = cfg.initializer_range / (2 * cfg.num_layers) ** 0.5
-    qkv_BxLx3D = dense(cfg, 3 * d, ("embed", "heads"), "c_attn")(x_BxLxD)
-    q, k, v = (split_heads(qkv_BxLx3D[..., i * d:(i + 1) * d], cfg) for i in range(3))
+    # Heads are an axis of their own so that they, not the fused 3D columns, split over
+    # `tensor`: each shard computes whole heads (Megatron). HF's [D, 3D] is this, reshaped.
+    c_attn = dense_general(cfg, (3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "kv"),
+                           "c_attn")
+    qkv_BxLx3xHxK = c_attn(x_BxLxD)
+    q, k, v = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
     causal = True
     if decode:
       k, v, causal = self._update_cache(k, v)
     rng = None if deterministic or cfg.attention_dropout_rate == 0 else self.make_rng("dropout")
     out_BxLxHxK = attention.dot_product_attention(
         q, k, v, mask, causal=causal, cfg=cfg, deterministic=deterministic, dropout_rng=rng)
-    out = dense(cfg, d, ("heads", "embed"), "c_proj", stddev=resid_std)(merge_heads(out_BxLxHxK))
+    c_proj = dense_general(cfg, (d,), ("heads", "kv", "embed"), "c_proj", stddev=resid_std)
+    out = c_proj(out_BxLxHxK)  # partial sums per head shard: one all-reduce over `tensor`
     return Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
 
   def _update_cache(self, k_BxLxHxK, v_BxLxHxK):

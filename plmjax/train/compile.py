@@ -68,6 +68,19 @@ def collectives(hlo: str) -> dict:
   return out
 
 
+def custom_calls(hlo: str) -> list[str]:
+  """The distinct custom-call targets in optimised HLO text (tpu_custom_call: a Pallas
+  kernel such as splash attention; cuDNN's fused attention on GPU)."""
+  return sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
+
+
+def xla_temp_bytes(message: str) -> int | None:
+  """The temporaries XLA needed, from its RESOURCE_EXHAUSTED line ("... required for HLO
+  temporaries (41.32G) exceeds available HBM (15.75G)"); None if it does not say."""
+  m = re.search(r"temporaries \(([0-9.]+)([KMGT])\)", message)
+  return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2))) if m else None
+
+
 def report(config, topology: str) -> dict:
   """Compiles the train step of `config` for `topology`; the report as a dict."""
   config_lib.check_config_keys(config)
@@ -99,7 +112,9 @@ def report(config, topology: str) -> dict:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     first = str(e).strip().splitlines()[0]
-    return dict(out, memory=dict(memory, temp=None, total=None), fits=False,
+    temp = xla_temp_bytes(first)
+    total = None if temp is None else memory["params"] + memory["opt_state"] + memory["batch"] + temp
+    return dict(out, memory=dict(memory, temp=temp, total=total), fits=False,
                 error=first[:500], compile_seconds=time.perf_counter() - t0)
   out["compile_seconds"] = time.perf_counter() - t0
   m = compiled.memory_analysis()
@@ -108,9 +123,10 @@ def report(config, topology: str) -> dict:
   memory["total"] = (memory["argument"] + memory["output"] - memory["alias"] + memory["temp"])
   cost = compiled.cost_analysis()  # None for a GPU compiled without one
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  hlo = compiled.as_text()
   out.update(memory=memory, fits=hbm is None or memory["total"] <= hbm,
              xla_flops_per_device=float(cost["flops"]) if cost else None,
-             collectives=collectives(compiled.as_text()))
+             collectives=collectives(hlo), custom_calls=custom_calls(hlo))
   return out
 
 
@@ -188,7 +204,9 @@ def add_arguments(parser):
                       "a GPU count (h100-8, a100-16), cpu:N, or `list`")
   parser.add_argument("--out", help="write the report as JSON to this file")
   parser.add_argument("--find-max-batch", action="store_true",
-                      help="also find the largest global batch that fits (at most 8 compiles)")
+                      help="also find the largest global batch that fits")
+  parser.add_argument("--max-compiles", type=int, default=8,
+                      help="compiles --find-max-batch may add (default 8)")
   parser.epilog = "Override any config key with --config.KEY=VALUE, e.g. --config.mesh.fsdp=8"
 
 
@@ -202,7 +220,7 @@ def main(args, overrides):
   rep = report(config, args.topology)
   rep["config"] = args.config
   if args.find_max_batch:
-    best, tried = find_max_batch(config, args.topology, rep)
+    best, tried = find_max_batch(config, args.topology, rep, args.max_compiles)
     rep["max_global_batch"] = best
     rep["max_global_batch_tried"] = [dict(global_batch=b, fits=f) for b, f in tried]
   print(table(rep), flush=True)

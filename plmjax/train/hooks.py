@@ -132,8 +132,11 @@ class NonFiniteError(UserError):
 
 
 @jax.jit
-def _count(c: dict, step, finite, loss_finite, limit):
-  """One step of the non-finite counters (one dispatch per step, no host sync)."""
+def _count(c: dict, step, finite, overflow, loss_finite, limit):
+  """One step of the non-finite counters (one dispatch per step, no host sync).
+  overflow (float16 runs, else None): the loss scaler skipped the step; not a failure."""
+  if overflow is not None:
+    finite = finite | overflow
   new_bad = (c["first_bad"] < 0) & ~finite
   in_a_row = jnp.where(finite, 0, c["in_a_row"] + 1)
   return dict(first_bad=jnp.where(new_bad, step, c["first_bad"]),
@@ -149,6 +152,9 @@ class NonFiniteWatch(Hook):
   nonfinite=stop: stop at the first non-finite loss or gradient norm.
   nonfinite=skip: the step kept the old state; stop after max_nonfinite_in_a_row such
   updates in a row. The counts go into loop.meta, so they survive a resume.
+  Under float16 a gradient overflow that the loss scaler skips (finite loss, scale above
+  its minimum of 1) is no failure; a non-finite loss, or gradients that overflow at scale 1,
+  are.
   """
 
   def __init__(self, train_cfg, newest_checkpoint: Callable):
@@ -160,11 +166,13 @@ class NonFiniteWatch(Hook):
                    in_a_row=np.int32(loop.meta.get("nonfinite_in_a_row", 0)),
                    skipped=np.int32(0), limit_at=np.int32(-1))
     self._skipped_before = int(loop.meta.get("nonfinite_skipped", 0))
+    self._scaled = False
 
   def after_step(self, loop):
     m = loop.metrics
-    self._c = _count(self._c, np.int32(loop.step), m["finite"], jnp.isfinite(m["batch_loss"]),
-                     np.int32(self.limit))
+    self._scaled = "overflow" in m
+    self._c = _count(self._c, np.int32(loop.step), m["finite"], m.get("overflow"),
+                     jnp.isfinite(m["batch_loss"]), np.int32(self.limit))
     if due(loop.step, self.log_every) or loop.step == loop.total_steps:
       self.check(loop)
 
@@ -176,6 +184,8 @@ class NonFiniteWatch(Hook):
     if bad < 0 or (self.mode == "skip" and limit_at < 0):
       return
     metric = "gradient norm (grad_norm)" if c["loss_was_finite"] else "loss"
+    if c["loss_was_finite"] and self._scaled:
+      metric += " with the float16 loss scale at its minimum of 1"
     newest = self.newest_checkpoint()
     kept = (f"the newest checkpoint is step {newest}" if newest is not None
             else "there is no checkpoint")
@@ -196,8 +206,10 @@ class NonFiniteWatch(Hook):
 
 @jax.jit
 def _accumulate(acc: dict, metrics: dict) -> dict:
-  new = {k: v for k, v in metrics.items() if k != "finite"}
+  new = {k: v for k, v in metrics.items() if k not in ("finite", "overflow")}
   new["good_steps"] = metrics["finite"].astype(jnp.float32)
+  if "overflow" in metrics:  # float16: updates the loss scaler skipped (their loss counts)
+    new["overflow_steps"] = metrics["overflow"].astype(jnp.float32)
   return new if acc is None else jax.tree.map(jnp.add, acc, new)
 
 
@@ -207,6 +219,8 @@ class Metrics(Hook):
 
   finalize: the objective's accumulated sums -> metrics. `rates(step, seconds, steps)`
   adds learning_rate, tokens_per_sec, mfu, ... Process 0 writes; the others only count.
+  float16 runs also log `loss_scale` (after the step) and `overflow_steps` (updates the
+  loss scaler skipped since the previous row).
   """
 
   def __init__(self, workdir: str, finalize: Callable, rates: Callable, log_every: int, *,
@@ -235,15 +249,17 @@ class Metrics(Hook):
       self._log(loop)
 
   def _log(self, loop):
-    host = jax.device_get(self._acc)
+    host, loss_scale = jax.device_get((self._acc, loop.state.get("loss_scale")))
     seconds = (time.perf_counter() - self._t) - (loop.excluded_seconds - self._excluded)
-    good = int(host.pop("good_steps"))
+    good, overflows = int(host.pop("good_steps")), int(host.pop("overflow_steps", 0))
     out = self.finalize(host)
-    if good == 0:  # every update since the last log was skipped: nothing to average
+    if good + overflows == 0:  # every step since the last log was skipped: nothing to average
       out = {k: float("nan") for k in out}
     out["grad_norm"] = float(host["grad_norm"]) / good if good else float("nan")
     out.update(self.rates(loop.step, seconds, self._steps))
     out["nonfinite_skipped"] = loop.meta.get("nonfinite_skipped", 0)
+    if loss_scale is not None:
+      out.update(loss_scale=float(loss_scale["scale"]), overflow_steps=overflows)
     self.writer.write(loop.step, out)
     self.last = out
     postfix = dict(loss=f"{out['loss']:.3f}")
@@ -294,9 +310,10 @@ class Evaluate(Hook):
 
 
 class Checkpoint(Hook):
-  """Saves params, optimiser state and meta (step, RNG, every process's data position,
-  loop.meta) every `every` steps, at the last step and when the loop stops; calls
-  `guard(loop)` first (NonFiniteWatch.check: nothing non-finite is ever saved)."""
+  """Saves params, optimiser state and meta (step, RNG, float16's loss scale, every
+  process's data position, loop.meta) every `every` steps, at the last step and when the
+  loop stops; calls `guard(loop)` first (NonFiniteWatch.check: nothing non-finite is ever
+  saved)."""
 
   def __init__(self, workdir: str, config, guard: Callable = lambda loop: None):
     self.workdir, self.config, self.guard = workdir, config, guard
@@ -311,8 +328,11 @@ class Checkpoint(Hook):
   def after_step(self, loop):
     if due(loop.step, self.every) or loop.step == loop.total_steps or loop.stop_reason:
       self.guard(loop)
-      meta = dict(loop.meta, step=loop.step, rng=np.asarray(
-          jax.device_get(loop.state["rng"])).tolist(), data=_gather(loop.data_state))
+      rng, loss_scale = jax.device_get((loop.state["rng"], loop.state.get("loss_scale")))
+      meta = dict(loop.meta, step=loop.step, rng=np.asarray(rng).tolist(),
+                  data=_gather(loop.data_state))
+      if loss_scale is not None:  # exact in JSON: a float32 is a double
+        meta["loss_scale"] = {k: v.item() for k, v in loss_scale.items()}
       checkpoint.save(self.mngr, loop.step, loop.state["params"], loop.state["opt_state"], meta)
 
   def newest_step(self):

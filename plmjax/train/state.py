@@ -1,12 +1,13 @@
 """The train state, sharded from the start, built in one place.
 
   state = {"step": int32[], "params": tree, "opt_state": tree, "rng": key data}
+  + "loss_scale": {"scale": float32[], "counter": int32[]} for model.dtype=float16
 
 `Layout` is what the state and a batch look like on the mesh (abstract shapes and
 shardings), computed without allocating anything, so `plmjax compile` can use it with
 devices that are not attached. `create` then fills it: restore the newest readable
 checkpoint of the workdir; else load initial weights (`init_params`: fine-tuning's
---init); else initialise.
+--init); else initialise. The loss scale is saved in the checkpoint's meta, beside the RNG.
 """
 
 import dataclasses
@@ -21,7 +22,7 @@ import optax
 from plmjax import workdir as workdir_lib
 from plmjax.train import checkpoint, sharding
 from plmjax.train.optimizer import make_optimizer
-from plmjax.train.step import model_inputs
+from plmjax.train.step import initial_loss_scale, model_inputs
 
 @dataclasses.dataclass
 class Layout:
@@ -87,6 +88,9 @@ def layout(config, model, example_batch: dict, devices=None) -> Layout:
   rng_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.PRNGKey(0)))
   shapes = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
                 opt_state=abstract_opt, rng=rng_shape)
+  if config.model.dtype == "float16":
+    shapes["loss_scale"] = jax.eval_shape(lambda: initial_loss_scale(config.train))
+    shardings["loss_scale"] = jax.tree.map(lambda _: repl, shapes["loss_scale"])
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           shapes, shardings)
   return Layout(mesh, rules, tx, abstract, shardings, sharding.batch_sharding(mesh))
@@ -108,6 +112,11 @@ def create(lay: Layout, model, example_batch, seed: int, workdir: str, config,
     step, params, opt_state, meta = found
     state = dict(step=jnp.int32(step), params=params, opt_state=opt_state,
                  rng=np.asarray(meta["rng"], np.uint32))
+    if "loss_scale" in lay.abstract:
+      if "loss_scale" not in meta:
+        warn(f"the checkpoint of step {step} has no loss scale (its run was not float16): "
+             f"it starts at config.train.loss_scale_init={config.train.loss_scale_init:g}")
+      state["loss_scale"] = initial_loss_scale(config.train, meta.get("loss_scale"))
     return jax.device_put(state, lay.shardings), meta
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
   if init_params is not None:
@@ -119,4 +128,7 @@ def create(lay: Layout, model, example_batch, seed: int, workdir: str, config,
   opt_state = jax.jit(lay.tx.init, out_shardings=lay.shardings["opt_state"])(params)
   state = dict(step=jax.device_put(jnp.int32(0), repl), params=params, opt_state=opt_state,
                rng=jax.device_put(jax.random.key_data(dropout_rng), repl))
+  if "loss_scale" in lay.abstract:
+    state["loss_scale"] = jax.device_put(initial_loss_scale(config.train),
+                                         lay.shardings["loss_scale"])
   return state, None

@@ -13,6 +13,8 @@ from typing import Callable
 
 import jax
 
+from plmjax.models import attention
+from plmjax.models.config import ModelConfig
 from plmjax.train import hooks as hooks_lib
 from plmjax.train import loop as loop_lib
 from plmjax.train import sharding
@@ -88,9 +90,18 @@ class Trainer:
               f"schedule ({t.decay} decay after {t.warmup_steps} warmup steps) runs over "
               f"{t.steps} steps from here, so at step {self.start_step + 1} the rate is "
               f"{float(learning_rate_schedule(t)(self.start_step)):.3g}", flush=True)
+    impl, why = attention.resolve_impl(ModelConfig.from_config(self.config.model),
+                                       attention.device_platform(self.mesh),
+                                       packed=self.config.data.get("packing", False))
+    print(f"plmjax: attention {impl}: {why}", flush=True)
     n_params = sum(x.size for x in jax.tree.leaves(self.state["params"]))
     print(f"plmjax: {n_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "
           f"{t.batch_size * self.tokens_per_example} tokens/step", flush=True)
+    if "loss_scale" in self.state:
+      scale = float(jax.device_get(self.state["loss_scale"]["scale"]))
+      print(f"plmjax: float16 with dynamic loss scaling: scale {scale:g}, halved (and the "
+            "update skipped) at a gradient overflow, doubled after "
+            f"{t.loss_scale_growth_interval} overflow-free steps", flush=True)
 
   def context(self):
     return self.layout.context()
