@@ -53,13 +53,11 @@ def write_corpus(path: str, texts: list[str]) -> str:
   return path
 
 
-class SyntheticBert:
-  """BERT pretraining batches of random tokens with a learnable MLM signal
-  (the label of a masked position is the token just before it)."""
-
-  def __init__(self, batch_size, seq_len=16, vocab=64, preds=4, seed=0):
-    self.b, self.l, self.v, self.p, self.seed = batch_size, seq_len, vocab, preds, seed
-    self.index = 0
+class Resumable:
+  """An endless batch iterator with the get_state/set_state of plmjax's pipelines:
+  batch i is made by `make(rng)` from a generator seeded with (seed, i)."""
+  seed = 0
+  index = 0
 
   def get_state(self):
     return {"index": self.index}
@@ -73,6 +71,17 @@ class SyntheticBert:
   def __next__(self):
     rng = np.random.default_rng((self.seed, self.index))
     self.index += 1
+    return self.make(rng)
+
+
+class SyntheticBert(Resumable):
+  """BERT pretraining batches of random tokens with a learnable MLM signal
+  (the label of a masked position is the token just before it)."""
+
+  def __init__(self, batch_size, seq_len=16, vocab=64, preds=4, seed=0):
+    self.b, self.l, self.v, self.p, self.seed = batch_size, seq_len, vocab, preds, seed
+
+  def make(self, rng):
     ids = rng.integers(5, self.v, (self.b, self.l)).astype(np.int32)
     ids[:, 0] = 2
     pos = np.sort(rng.choice(np.arange(2, self.l), (self.b, self.p)), axis=1).astype(np.int32)

@@ -16,7 +16,7 @@ from plmjax.models.config import ModelConfig
 from plmjax.train import compile as compile_lib
 from plmjax.train.objectives import PRETRAINING
 from plmjax.train.trainer import Trainer
-from synthetic import SyntheticBert
+from synthetic import SyntheticBert, Resumable
 
 pytestmark = pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -117,24 +117,13 @@ def _config(arch, impl):
   return c
 
 
-class SyntheticGpt:
+class SyntheticGpt(Resumable):
   """Packed GPT rows: two documents and padding, each document predicting its next token."""
 
   def __init__(self, batch_size, seed=0):
     self.b, self.seed, self.index = batch_size, seed, 0
 
-  def get_state(self):
-    return {"index": self.index}
-
-  def set_state(self, state):
-    self.index = int(state["index"])
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    rng = np.random.default_rng((self.seed, self.index))
-    self.index += 1
+  def make(self, rng):
     seg = np.stack([_segments(n, L - 20 - n) for n in rng.integers(10, 90, self.b)])
     ids = np.where(seg > 0, rng.integers(1, 64, (self.b, L)), 0).astype(np.int32)
     pos = np.zeros_like(seg)

@@ -18,6 +18,7 @@ from plmjax.models import build_model
 from plmjax.train import compile as compile_lib
 from plmjax.train.objectives import PRETRAINING
 from plmjax.train.trainer import Trainer
+from synthetic import Resumable
 
 # The suite's on-disk compilation cache (conftest) cannot load compile-only executables.
 pytestmark = pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
@@ -27,24 +28,13 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 BATCH, SEQ, VOCAB = 8, 32, 128
 
 
-class SyntheticGpt:
+class SyntheticGpt(Resumable):
   """GPT batches of random tokens whose target is the token two back (learnable), resumable."""
 
   def __init__(self, batch_size=BATCH, seq_len=SEQ, vocab=VOCAB, seed=0):
     self.b, self.l, self.v, self.seed, self.index = batch_size, seq_len, vocab, seed, 0
 
-  def get_state(self):
-    return {"index": self.index}
-
-  def set_state(self, state):
-    self.index = int(state["index"])
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    rng = np.random.default_rng((self.seed, self.index))
-    self.index += 1
+  def make(self, rng):
     ids = rng.integers(1, self.v, (self.b, self.l)).astype(np.int32)
     weights = np.ones((self.b, self.l), np.float32)
     weights[:, :2] = 0.0
