@@ -221,14 +221,14 @@ def run(config, init: str, workdir: str, overrides=(), *, signals=None, hooks=()
   batches = data.BatchIterator(train.arrays, t.batch_size, seed=t.seed,
                                process_index=jax.process_index(),
                                process_count=jax.process_count())
+  start = batches.get_state()
+  example = next(batches)
+  batches.set_state(start)
   trainer = Trainer(config, workdir, build_model(model_cfg, config.task.head),
-                    tasks.OBJECTIVES[config.task.type], next(batches),
+                    tasks.OBJECTIVES[config.task.type], example,
                     flops_per_token=flops_per_token(model_cfg, seq_len, 0),
                     tokens_per_example=seq_len,
                     init_params=pretrained_params(init, model_cfg, t.seed))
-  batches = data.BatchIterator(train.arrays, t.batch_size, seed=t.seed,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
   if is_main:  # everything checked: now the workdir is written
     workdir_lib.write_config(workdir, config)
     tokenizer.save(workdir_lib.tokenizer_dir(workdir))

@@ -33,7 +33,7 @@ from plmjax.train.flops import flops_per_token
 from plmjax.train.objectives import PRETRAINING
 from plmjax.train.trainer import jit_steps
 
-GIB = 1024**3
+GIB = topologies.GIB
 DOESNT_FIT = 3
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
