@@ -8,6 +8,9 @@
   plmjax finetune  --config configs/finetune/TASK.py --init DIR --workdir DIR [--config.x=v]
   plmjax predict   --workdir DIR --input FILE
   plmjax generate  --workdir DIR --prompt TEXT [--max-new-tokens N ...]
+  plmjax data prepare --input SPEC --tokenizer PATH --out DIR [--workers N]
+  plmjax embed     --workdir DIR --input FILE --output emb.npy [--pooling mean|cls]
+  plmjax fill-mask --workdir DIR "TEXT with [MASK]" [--top-k 5]
 
 Errors caused by input (plmjax.errors.UserError, bad command lines, OSErrors such as a
 missing or unwritable path) print one line on stderr and exit 2; `--debug` shows the
@@ -34,6 +37,9 @@ COMMANDS = {
     "finetune": ("plmjax.finetune.finetune", "fine-tune on a classification/tagging/QA task"),
     "predict": ("plmjax.finetune.predict", "predict with a fine-tuned model"),
     "generate": ("plmjax.generate", "generate text with a GPT model"),
+    "data": ("plmjax.data.prepare", "tokenize a corpus once into ArrayRecord shards"),
+    "embed": ("plmjax.embed", "sentence embeddings from a BERT model"),
+    "fill-mask": ("plmjax.fill_mask", "a BERT model's guesses for [MASK] tokens"),
 }
 
 
