@@ -3,6 +3,7 @@
   python bench/pretrain_step.py --config configs/bert_base.py [--batch 16] [--config.a.b=V ...]
   python bench/pretrain_step.py --arch bert --layers 4 --hidden 512 --heads 8 \
       --intermediate 2048 --vocab 30522 --seq-len 128 --batch 16 --dtype float32
+  python bench/pretrain_step.py --config configs/t5_small.py --batch 8   # T5: inputs + targets
 
 Times `Trainer.train_step` (the step `plmjax pretrain` runs: AdamW, clipping, dropout,
 donated state) on a fixed synthetic batch already on the device, so the input pipeline
@@ -30,7 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLOPS_FORMULA = ("flops/token = 6*N_layers*(4*D^2 + 2*D*I + 2*D*L) + BERT: 6*(P/L)*(D^2 + D*V) "
                  "+ 6*D^2/L | GPT: 6*D*V  (plmjax.train.flops.flops_per_token; P = masked "
-                 "positions per row)")
+                 "positions per row) | T5: t5.training_flops(S inputs, T targets) / (S + T), "
+                 "a token being an input or a target token")
 
 SIZE_FLAGS = (  # flag -> config key
     ("layers", "model.num_layers"), ("hidden", "model.hidden_size"),
@@ -42,7 +44,7 @@ SIZE_FLAGS = (  # flag -> config key
 
 def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--config", help="config file (configs/*.py); size flags override it")
-  p.add_argument("--arch", choices=("bert", "gpt"), default="bert",
+  p.add_argument("--arch", choices=("bert", "gpt", "t5"), default="bert",
                  help="without --config: the architecture of base_config(arch)")
   for flag, key in SIZE_FLAGS:
     kind = str if flag == "dtype" else int
@@ -93,6 +95,13 @@ def synthetic_batch(config, seed: int = 0) -> dict:
   if config.model.arch == "gpt":
     return dict(input_ids=ids, targets=np.roll(ids, -1, axis=1),
                 loss_weights=np.ones((b, l), np.float32))
+  if config.model.arch == "t5":  # unpacked rows, full inputs and targets
+    t = config.data.max_target_len
+    targets = rng.integers(5, v, (b, t)).astype(np.int32)
+    return dict(input_ids=ids, attention_mask=np.ones_like(ids), targets=targets,
+                decoder_input_ids=np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]],
+                                                 axis=1),
+                loss_weights=np.ones((b, t), np.float32))
   p = config.data.max_predictions_per_seq
   positions = np.sort(np.stack([rng.choice(np.arange(1, l), p, replace=False)
                                 for _ in range(b)]), axis=1).astype(np.int32)
@@ -114,19 +123,17 @@ class PlmjaxStep:
     from plmjax import config as config_lib  # pylint: disable=g-import-not-at-top
     from plmjax.models import build_model  # pylint: disable=g-import-not-at-top
     from plmjax.train import sharding  # pylint: disable=g-import-not-at-top
-    from plmjax.train.flops import flops_per_token  # pylint: disable=g-import-not-at-top
+    from plmjax.train.flops import pretrain_flops  # pylint: disable=g-import-not-at-top
     from plmjax.train.objectives import PRETRAINING  # pylint: disable=g-import-not-at-top
     from plmjax.train.trainer import Trainer  # pylint: disable=g-import-not-at-top
 
     model_cfg = config_lib.validate(config)
-    seq_len = config.data.max_seq_len
-    masked = config.data.max_predictions_per_seq if model_cfg.arch == "bert" else None
-    self.flops_per_token = flops_per_token(model_cfg, seq_len, masked)
-    self.tokens_per_step = config.train.batch_size * seq_len
+    tokens, self.flops_per_token = pretrain_flops(config, model_cfg)
+    self.tokens_per_step = config.train.batch_size * tokens
     workdir = tempfile.mkdtemp(prefix="plmjax_bench_")
     self.trainer = Trainer(config, workdir, build_model(model_cfg, config.task.head),
                            PRETRAINING[model_cfg.arch], batch,
-                           flops_per_token=self.flops_per_token, tokens_per_example=seq_len,
+                           flops_per_token=self.flops_per_token, tokens_per_example=tokens,
                            devices=jax.devices()[:1])
     self.batch = sharding.global_batch(batch, self.trainer.mesh)
     self.n_params = sum(x.size for x in jax.tree.leaves(self.trainer.state["params"]))
@@ -215,7 +222,8 @@ def describe(config) -> str:
           f"intermediate={m.intermediate_size} vocab={m.vocab_size} "
           f"seq_len={config.data.max_seq_len} batch={config.train.batch_size} dtype={m.dtype} "
           f"remat={m.remat} dropout={m.dropout_rate}/{m.attention_dropout_rate}"
-          + (f" masked_per_seq={config.data.max_predictions_per_seq}" if m.arch == "bert" else ""))
+          + (f" masked_per_seq={config.data.max_predictions_per_seq}" if m.arch == "bert" else "")
+          + (f" target_len={config.data.max_target_len}" if m.arch == "t5" else ""))
 
 
 def device_line() -> str:

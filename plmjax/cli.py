@@ -8,6 +8,7 @@
   plmjax finetune  --config configs/finetune/TASK.py --init DIR --workdir DIR [--config.x=v]
   plmjax predict   --workdir DIR --input FILE
   plmjax generate  --workdir DIR --prompt TEXT [--max-new-tokens N ...]
+  plmjax generate  --workdir DIR --input FILE --output OUT.jsonl [--batch-size N] [--num-beams K]
   plmjax data prepare --input SPEC --tokenizer PATH --out DIR [--workers N]
   plmjax embed     --workdir DIR --input FILE --output emb.npy [--pooling mean|cls]
   plmjax fill-mask --workdir DIR "TEXT with [MASK]" [--top-k 5]

@@ -39,6 +39,7 @@ DEFAULT_AXIS_RULES = (
     ("type", None),
     ("classes", None),
     ("norm", None),
+    ("layers", None),  # model.scan_layers' stacked layer axis: not split (its other axes are)
 )
 
 
@@ -51,13 +52,18 @@ def base_config(arch: str = "bert") -> ml_collections.ConfigDict:
     c.model.layer_norm_eps = 1e-5
     c.model.vocab_size = 50257
     c.model.max_position_embeddings = 1024
+  if arch == "t5":  # T5 1.1 base (configs/t5_base.py); no position table: 512 bounds max_seq_len
+    c.model.update(vocab_size=32128, intermediate_size=2048, layer_norm_eps=1e-6,
+                   initializer_range=1.0, feed_forward_proj="gated-gelu",
+                   tie_word_embeddings=False)
 
   # Which head the model carries (plmjax.models.build_model): pretraining | mlm (BERT),
-  # lm (GPT), or a fine-tuning head set by configs/finetune/*.
-  c.task = ml_collections.ConfigDict(dict(head="lm" if arch == "gpt" else "pretraining"))
+  # lm (GPT), seq2seq (T5), or a fine-tuning head set by configs/finetune/*.
+  head = {"gpt": "lm", "t5": "seq2seq"}.get(arch, "pretraining")
+  c.task = ml_collections.ConfigDict(dict(head=head))
 
   c.data = ml_collections.ConfigDict(dict(
-      train="",  # glob of .txt/.jsonl files, or tfds:NAME[/CONFIG]:SPLIT
+      train="",  # glob of .txt/.jsonl files, tfds:NAME[/CONFIG]:SPLIT, or a `data prepare` dir
       eval="",  # same forms; empty: no evaluation
       tokenizer="",  # sentencepiece .model path; empty: train one into the workdir
       tokenizer_model_type="unigram",  # unigram | bpe (when training one)
@@ -73,6 +79,10 @@ def base_config(arch: str = "bert") -> ml_collections.ConfigDict:
       num_workers=0,  # grain worker processes (0: in-process)
       prefetch=2,  # batches prefetched to device
   ))
+  if arch == "t5":  # span corruption (plmjax/data/span_corruption.py)
+    c.data.max_target_len = 32  # targets (sentinels + dropped spans + </s>) per row
+    c.data.noise_density = 0.15  # fraction of tokens dropped into the targets
+    c.data.mean_noise_span_length = 3.0
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000,
@@ -188,8 +198,9 @@ def summary(config: ml_collections.ConfigDict) -> str:
   lines = ["plmjax: config (--print-config prints it as JSON):"]
   for section, values in config.items():
     if isinstance(values, ml_collections.ConfigDict):
-      items = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items()
-               if k != "logical_axis_rules"]
+      items = [f"{k}={v!r}" if isinstance(v, str) else
+               f"{k}={v.to_dict()}" if isinstance(v, ml_collections.ConfigDict) else f"{k}={v}"
+               for k, v in values.items() if k != "logical_axis_rules"]
       if "logical_axis_rules" in values:
         items.append(f"logical_axis_rules=({len(values.logical_axis_rules)} rules)")
       lines.append(f"  {section}: " + " ".join(items))
@@ -297,4 +308,13 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     if d.max_seq_len < 8:
       raise ConfigError(f"config.data.max_seq_len={d.max_seq_len} is too short for BERT pairs "
                         "(at least 8)")
+  if model_cfg.arch == "t5":
+    if d.max_target_len < 4:
+      raise ConfigError(f"config.data.max_target_len={d.max_target_len} is too short for "
+                        "span-corruption targets (at least 4)")
+    if not 0 < d.noise_density < 1:
+      raise ConfigError(f"config.data.noise_density={d.noise_density} must be in (0, 1)")
+    if d.mean_noise_span_length < 1:
+      raise ConfigError(f"config.data.mean_noise_span_length={d.mean_noise_span_length} must "
+                        "be at least 1")
   return model_cfg

@@ -5,6 +5,8 @@
   DIR/checkpoints/STEP/  orbax checkpoints (or config.checkpoint.dir/STEP/, e.g. on gs://)
   DIR/metrics.jsonl      one JSON object per logged step
   DIR/tb/                TensorBoard events
+  DIR/init.json          {"init": DIR0, "step": N}: the weights the run started from
+                         (pretrain --init); absent for a run that started from scratch
 
 Finding things here needs no training code: export, fine-tuning and generation read a
 workdir through this module and plmjax.train.checkpoint.load_params.
@@ -17,11 +19,19 @@ import ml_collections
 from orbax.checkpoint import utils as ocp_utils
 
 from plmjax.errors import CheckpointError
+from plmjax.models.config import ModelConfig
 
 # Keys of config.model that change parameter shapes: a workdir trained with other
 # values cannot be resumed.
 SHAPE_KEYS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads",
-              "intermediate_size", "max_position_embeddings", "type_vocab_size")
+              "intermediate_size", "max_position_embeddings", "type_vocab_size",
+              "num_decoder_layers", "attention_head_dim", "relative_attention_num_buckets",
+              "feed_forward_proj", "tie_word_embeddings", "scan_layers")
+
+
+def model_key(model: ml_collections.ConfigDict, key: str):
+  """config.model[key], or its default for configs written before the key existed."""
+  return model.get(key, getattr(ModelConfig(), key, None))
 
 
 def config_path(workdir: str) -> str:
@@ -85,6 +95,34 @@ def write_config(workdir: str, config: ml_collections.ConfigDict):
   os.replace(path + ".tmp", path)
 
 
+def init_path(workdir: str) -> str:
+  return os.path.join(workdir, "init.json")
+
+
+def read_init(workdir: str) -> dict | None:
+  """The --init a run started from ({"init": path, "step": N}), or None."""
+  path = init_path(workdir)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{path} is not valid JSON ({e}); delete it or rerun with "
+                            "--init DIR") from e
+
+
+def write_init(workdir: str, init: str, step: int):
+  os.makedirs(workdir, exist_ok=True)
+  record = {"init": os.path.abspath(init) if "://" not in init else init, "step": int(step)}
+  if read_init(workdir) == record:
+    return
+  path = init_path(workdir)
+  with open(path + ".tmp", "w") as f:
+    json.dump(record, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
 def _lists_to_tuples(value):
   if isinstance(value, dict):
     return {k: _lists_to_tuples(v) for k, v in value.items()}
@@ -101,8 +139,9 @@ def check_usable(workdir: str, config: ml_collections.ConfigDict):
     return
   old_config = read_config(workdir)
   old = old_config.model
-  diffs = [f"model.{k}: workdir has {old.get(k)!r}, this run has {config.model.get(k)!r}"
-           for k in SHAPE_KEYS if old.get(k) != config.model.get(k)]
+  diffs = [f"model.{k}: workdir has {model_key(old, k)!r}, this run has "
+           f"{model_key(config.model, k)!r}"
+           for k in SHAPE_KEYS if model_key(old, k) != model_key(config.model, k)]
   old_head, head = _head(old_config), _head(config)
   if old_head != head:  # another head is another parameter tree
     diffs.append(f"task.head: workdir has {old_head!r}, this run has {head!r}")

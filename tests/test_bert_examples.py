@@ -5,9 +5,10 @@ import pytest
 
 from plmjax.data import sources
 from plmjax.data import tokenizer as tk
-from plmjax.data.bert_examples import BertExamples, make_chunks, truncate_pair, truncation_counts
+from plmjax.data.bert_examples import (MIN_FILL, BertExamples, make_chunks, truncate_pair,
+                                       truncation_counts)
 from plmjax.data.bert_packing import PackedBertExamples, pack_rows
-from plmjax.data.corpus import tokenize_documents
+from plmjax.data.corpus import TokenizedCorpus, tokenize_documents
 
 import synthetic
 
@@ -106,14 +107,14 @@ def test_pairs_layout_nsp_and_continuations(corpus, tok):
                                           np.zeros(L - n)]).all()
     a, b = ids[1:seps[0]], ids[seps[0] + 1:n - 1]
     assert len(a) >= 1 and len(b) >= 1
-    start, end = examples.chunks.start[i], examples.chunks.end[i]
+    chunks = examples.chunks
+    start, a_end, end = chunks.start[i], chunks.a_end[i], chunks.end[i]
+    assert ex["nsp_labels"] == chunks.is_random[i]
     if ex["nsp_labels"] == 0:  # B is the true continuation: A + B is the chunk
       assert (np.concatenate([a, b]) == corpus.tokens[start:end]).all()
-    else:
-      chunk = corpus.tokens[start:end]
-      assert (a == chunk[:len(a)]).all() or len(a) < len(chunk)
-    labels.append(int(ex["nsp_labels"]))
-  assert 0.44 < np.mean(labels) < 0.56
+      assert len(a) == a_end - start and a_end in corpus.segment_offsets  # whole segments
+    else:  # A is the chunk, maybe truncated at either end
+      assert a_end == end and _is_slice_of(a, corpus.tokens[start:end])
   # A random B is a run of another document (pairs are views into corpus.tokens).
   doc_starts, rng = corpus.document_starts(), np.random.default_rng(0)
   randoms = 0
@@ -125,6 +126,61 @@ def test_pairs_layout_nsp_and_continuations(corpus, tok):
       assert doc != examples.chunks.doc[c] and offset + len(b) <= doc_starts[doc + 1]
       randoms += 1
   assert randoms > 50
+
+
+def _is_slice_of(x, y) -> bool:
+  return any((y[f:f + len(x)] == x).all() for f in range(len(y) - len(x) + 1))
+
+
+def _inner_boundaries(corpus, start, end) -> int:
+  off = corpus.segment_offsets
+  return int(np.searchsorted(off, end, "left") - np.searchsorted(off, start, "right"))
+
+
+def test_a_single_segment_chunk_is_never_isnext(corpus, tok):
+  examples = BertExamples(corpus, tok, max_seq_len=L, max_predictions_per_seq=P, seed=3)
+  chunks = examples.chunks
+  inner = np.array([_inner_boundaries(corpus, s, e) for s, e in zip(chunks.start, chunks.end)])
+  single = inner == 0  # long segments, cut ones, short targets; and As put back to one
+  assert 100 < single.sum() < len(chunks) - 100
+  assert chunks.is_random[single].all()
+  for i in np.flatnonzero(single)[:150]:
+    for epoch in (0, 1):
+      assert examples.example(int(i), epoch)["nsp_labels"] == 1
+
+
+def test_isnext_half_the_time_when_chunks_have_many_segments(tok):
+  rng = np.random.default_rng(0)
+  seg_len = rng.integers(3, 8, size=24000)  # 10-20 segments per chunk
+  corpus = TokenizedCorpus(rng.integers(5, tok.vocab_size, seg_len.sum()).astype(np.int32),
+                           np.r_[0, np.cumsum(seg_len)], np.arange(0, 24001, 60))
+  chunks = BertExamples(corpus, tok, max_seq_len=L, max_predictions_per_seq=P).chunks
+  assert len(chunks) > 2500
+  assert 0.46 < 1 - chunks.is_random.mean() < 0.54
+
+
+def test_segments_a_random_b_leaves_out_start_the_next_chunk(corpus, tok):
+  chunks = BertExamples(corpus, tok, max_seq_len=L, max_predictions_per_seq=P, seed=4).chunks
+  # Every token is in exactly one chunk (in A, or in an IsNext B): none is dropped.
+  assert chunks.start[0] == 0 and chunks.end[-1] == corpus.num_tokens
+  assert (chunks.start[1:] == chunks.end[:-1]).all()
+  assert (chunks.start < chunks.a_end).all() and (chunks.a_end <= chunks.end).all()
+  assert (chunks.a_end == chunks.end)[chunks.is_random].all()
+  # A chunk that ends short of MIN_FILL before its document's end was cut short by a
+  # random B: the segments after its A were put back and start the next chunk.
+  doc_end = corpus.document_starts()[chunks.doc + 1]
+  short = (chunks.end - chunks.start < MIN_FILL * chunks.target) & (chunks.end < doc_end)
+  assert short.sum() > 50 and chunks.is_random[short].all()
+  nxt = np.flatnonzero(short) + 1
+  assert (chunks.start[nxt] == chunks.a_end[nxt - 1]).all()
+  assert (chunks.doc[nxt] == chunks.doc[nxt - 1]).all()
+  assert np.isin(chunks.start[nxt], corpus.segment_offsets).all()
+  # Without NSP nothing is put back: only a document's last chunk ends that short.
+  plain = BertExamples(corpus, tok, max_seq_len=L, max_predictions_per_seq=P, nsp=False,
+                       seed=4).chunks
+  doc_end = corpus.document_starts()[plain.doc + 1]
+  assert not ((plain.end - plain.start < MIN_FILL * plain.target) & (plain.end < doc_end)).any()
+  assert not plain.is_random.any() and (plain.a_end == plain.end).all()
 
 
 def test_examples_are_deterministic_in_seed_epoch_index(corpus, tok):
@@ -207,7 +263,6 @@ def test_packed_rows(corpus, tok, nsp):
                                 max_pairs_per_row=s, short_seq_prob=0.5, nsp=nsp, seed=2)
   assert len(examples) < len(examples.chunks)  # short pairs share rows
   assert sorted(examples.row_items.tolist()) == list(range(len(examples.chunks)))
-  labels = []
   for i in range(min(len(examples), 250)):
     ex = examples.example(i, epoch=1)
     ids, seg, pos = _original(ex), ex["segment_ids"], ex["position_ids"]
@@ -223,8 +278,7 @@ def test_packed_rows(corpus, tok, nsp):
       assert (ids[where] == tok.sep_id).sum() == (2 if nsp else 1) and ids[where[-1]] == tok.sep_id
       types = ex["token_type_ids"][where]
       assert types[0] == 0 and (np.diff(types) >= 0).all() and (nsp or not types.any())
-    labels += ex["nsp_labels"][:k].tolist()
+    items = examples.row_items[examples.row_offsets[i]:examples.row_offsets[i + 1]]
+    assert (ex["nsp_labels"][:k] == (examples.chunks.is_random[items] & nsp)).all()
     w = ex["masked_weights"] > 0
     assert (seg[ex["masked_positions"][w]] > 0).all()
-  if nsp:
-    assert 0.4 < np.mean(labels) < 0.6

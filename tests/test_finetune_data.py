@@ -166,3 +166,38 @@ def test_batch_iterator_epochs_resume_and_process_slices():
   batches = list(data.eval_batches(arrays, 4))
   assert [b["weights"].tolist() for b in batches][-1] == [1, 1, 0, 0]
   assert np.concatenate([b["x"] for b in batches])[:10].tolist() == list(range(10))
+
+
+def test_field_names_one_rule():
+  local = [data.Record({}, "f.jsonl:1")]
+  tfds = [data.Record({}, "tfds:glue/mnli:train[0]")]
+
+  def names(t, recs):
+    r = data.task_fields(t, recs)
+    return r.text_field, r.text_b_field, r.label_field
+
+  # Local files: the documented names of the task type; tfds: the config's tfds_fields.
+  mnli = task(pairs=True, tfds_fields=dict(text="premise", text_b="hypothesis"))
+  assert names(mnli, local) == ("text", "text_b", "label")
+  assert names(mnli, tfds) == ("premise", "hypothesis", "label")
+  sst2 = task(tfds_fields=dict(text="sentence"))
+  assert names(sst2, local) == ("text", "", "label")  # one text: no pairs
+  assert names(sst2, tfds) == ("sentence", "", "label")
+  # task.*_field override both; setting text_b_field makes a pair task.
+  both = task(text_field="a", text_b_field="b", label_field="y", tfds_fields=dict(text="t"))
+  assert names(both, local) == names(both, tfds) == ("a", "b", "y")
+  assert names(task(type="tagging", tfds_fields=dict(label="ner")), tfds) == ("tokens", "", "ner")
+  assert names(task(type="tagging"), local) == ("tokens", "", "tags")
+  assert names(task(type="qa"), local) == ("question", "context", "answers")
+  assert names(task(type="completion"), local) == ("prompt", "", "completion")
+  assert mnli.text_field == ""  # the config itself is not changed
+
+
+def test_a_local_pair_file_with_the_documented_fields(tok, tmp_path):
+  path = write_jsonl(tmp_path / "pairs.jsonl", [dict(text="ka lo", text_b="mi", label="1")])
+  feats = features.featurize(task(pairs=True), tok, data.read_records(path), 16)
+  ids, types = feats.arrays["input_ids"][0], feats.arrays["token_type_ids"][0]
+  a, b = tok.encode("ka lo"), tok.encode("mi")
+  assert ids[:len(a) + len(b) + 3].tolist() == ([tok.cls_id] + a + [tok.sep_id] + b
+                                                + [tok.sep_id])
+  assert types.sum() == len(b) + 1 and feats.arrays["labels"].tolist() == [1]

@@ -25,7 +25,7 @@ from plmjax import config as config_lib
 from plmjax.data.tokenizer import load_tokenizer
 from plmjax.errors import DataError
 from plmjax.finetune import data, features, finetune, tasks
-from tests.finetune_helpers import make_init_workdir, words
+from tests.finetune_helpers import make_init_workdir, words, write_jsonl
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "finetune"
 W = words(40)
@@ -252,6 +252,44 @@ def test_glue_configs_read_labelled_features(stand_ins, init_dir, name):
     with pytest.raises(DataError, match=r"no field 'sentence1' \(fields: hypothesis, idx, "
                        r"label, premise\)"):
       _load(config, tokenizer, "eval")
+
+
+LOCAL_ROWS = {  # the README's field names for local files, per shipped config
+    "sst2": [dict(text="ka lo mi", label="positive"), dict(text="ne ru", label=0)],
+    "mnli": [dict(text="ka lo", text_b="mi ne", label="neutral"),
+             dict(text="ru", text_b="sa ti", label=2)],
+    "stsb": [dict(text="ka lo", text_b="mi ne", label=4.5), dict(text="ru", text_b="sa", label=0)],
+    "conll2003": [dict(tokens=["ka", "lo"], tags=["B-PER", "O"])],
+    "squad": [dict(question="ka", context="lo mi ne",
+                   answers={"text": ["mi"], "answer_start": [3]})],
+}
+
+
+@pytest.mark.parametrize("name", list(LOCAL_ROWS))
+def test_shipped_configs_read_local_files_with_the_documented_fields(init_dir, tmp_path, name):
+  rows = LOCAL_ROWS[name]
+  path = write_jsonl(tmp_path / "train.jsonl", rows)
+  config = config_lib.load_config_file(str(CONFIGS / f"{name}.py"))
+  finetune.prepare_config(config, init_dir, [f"--config.data.train={path}"])
+  tokenizer = load_tokenizer(init_dir + "/tokenizer")
+  feats = finetune.load_split(config, tokenizer, "train")
+  a = feats.arrays
+  if name in ("sst2", "mnli", "stsb"):
+    labels = list(config.task.labels)
+    want = ([r["label"] if isinstance(r["label"], (int, float)) else labels.index(r["label"])
+             for r in rows])
+    assert a["labels"].tolist() == want
+    for i, r in enumerate(rows):  # [CLS] text [SEP] (text_b [SEP])
+      ids = [tokenizer.cls_id] + tokenizer.encode(r["text"]) + [tokenizer.sep_id]
+      if name != "sst2":
+        ids += tokenizer.encode(r["text_b"]) + [tokenizer.sep_id]
+      assert a["input_ids"][i, :len(ids)].tolist() == ids
+      assert a["attention_mask"][i].sum() == len(ids)
+    assert (a["token_type_ids"].max(axis=1) == (0 if name == "sst2" else 1)).all()
+  elif name == "conll2003":
+    assert [list(config.task.labels)[t] for t in feats.examples[0]["tags"]] == ["B-PER", "O"]
+  else:
+    assert a["start_positions"][0] > 0 and feats.examples[0]["answers"] == ["mi"]
 
 
 def test_conll2003_config_tags_every_word(stand_ins, init_dir):

@@ -5,8 +5,8 @@ Run:
       --workdir runs/conll2003
 
 Expect: entity F1 about 0.94-0.95 on validation from a cased BERT-base after 3 epochs.
-Local .jsonl: --config.task.text_field=tokens --config.task.label_field=tags (a list of
-words and one tag name per word).
+Local files instead of tfds: fields `tokens` (a list of words) and `tags` (one tag name
+per word).
 """
 
 from plmjax.finetune.tasks import finetune_config
@@ -15,7 +15,7 @@ TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-
 
 
 def get_config():
-  c = finetune_config(type="tagging", labels=TAGS, text_field="tokens", label_field="ner")
+  c = finetune_config(type="tagging", labels=TAGS, tfds_fields=dict(label="ner"))
   c.data.train = "tfds:conll2003:train"
   c.data.eval = "tfds:conll2003:dev"
   c.data.max_seq_len = 128

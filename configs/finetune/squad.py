@@ -11,9 +11,8 @@ from plmjax.finetune.tasks import finetune_config
 
 
 def get_config():
-  c = finetune_config(type="qa", labels=(), text_field="question", text_b_field="context",
-                      label_field="answers", doc_stride=128, max_query_len=64,
-                      max_answer_len=30)
+  c = finetune_config(type="qa", labels=(), doc_stride=128, max_query_len=64,
+                      max_answer_len=30)  # tfds and local files: question, context, answers
   c.data.train = "tfds:squad/v1.1:train"
   c.data.eval = "tfds:squad/v1.1:validation"
   c.data.max_seq_len = 384

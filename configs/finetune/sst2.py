@@ -4,8 +4,8 @@ Run (the tfds glue/sst2 dataset prepared beforehand; --init is a pretrained or i
   plmjax finetune --config configs/finetune/sst2.py --init runs/bert_base --workdir runs/sst2
 
 Expect: about 92-93% validation accuracy from BERT-base after 3 epochs
-(runs/sst2/eval_results.json). Local files instead of tfds:
-  --config.data.train=train.jsonl --config.data.eval=dev.jsonl   (fields `text`, `label`)
+(runs/sst2/eval_results.json). Local files instead of tfds (fields `text`, `label`):
+  --config.data.train=train.jsonl --config.data.eval=dev.jsonl
 """
 
 from plmjax.finetune.tasks import finetune_config
@@ -13,7 +13,7 @@ from plmjax.finetune.tasks import finetune_config
 
 def get_config():
   c = finetune_config(type="classification", labels=("negative", "positive"),
-                      text_field="sentence", metrics=("accuracy",))
+                      tfds_fields=dict(text="sentence"), metrics=("accuracy",))
   c.data.train = "tfds:glue/sst2:train"
   c.data.eval = "tfds:glue/sst2:validation"
   c.data.max_seq_len = 64

@@ -1,17 +1,22 @@
 """BERT pretraining examples, made on the fly and deterministic in (seed, epoch, index).
 
-Once per corpus, each document is cut into *chunks*: runs of whole segments of
-about a target length (max_seq_len - 3; with probability short_seq_prob a random
-shorter one, as google-research/bert does). A chunk less than MIN_FILL full cuts
-the next segment at the target rather than end short; no token is dropped and no
-chunk exceeds its target. Example i is made from chunk i; per epoch:
+Once per corpus (from the seed), each document is cut into *chunks*, as
+google-research/bert's create_pretraining_data.py cuts its instances: runs of whole
+segments of about a target length (max_seq_len - 3; with probability short_seq_prob a
+random shorter one). Unlike there, no chunk exceeds its target: a chunk less than
+MIN_FILL full cuts the next segment at the target rather than end short. With NSP, each
+chunk's A/B split is drawn as it is cut:
 
-  A = the chunk up to a random segment boundary (a random token if it has none);
-  B = the rest of the chunk (NSP label 0, "IsNext") with probability 1/2, else
-      segments of another document from a random segment on (label 1);
-  the pair is truncated like google-research/bert's truncate_seq_pair (the longer
-  side loses a token from a random end until it fits), laid out as
-  [CLS] A [SEP] B [SEP] with token types 0...0 1...1, and masked (masking.py).
+  A = the chunk's segments up to a random inner segment boundary (all of it if the
+      chunk is a single segment, or part of one);
+  B = the rest of the chunk (NSP label 0, "IsNext") with probability 1/2, else (and
+      always for a single-segment chunk) segments of another document (label 1). The
+      segments a random B leaves out are put back: the next chunk starts with them.
+
+Example i is made from chunk i; per epoch, the random B (its document and first
+segment), the truncation (google-research/bert's truncate_seq_pair: the longer side
+loses a token from a random end until the pair fits) and the masks (masking.py) are
+drawn again; [CLS] A [SEP] B [SEP] with token types 0...0 1...1.
 
 With nsp=False a row is [CLS] chunk [SEP] (the chunk target is max_seq_len - 2).
 `PackedBertExamples` puts several short pairs in one row (bert_packing.py).
@@ -31,54 +36,83 @@ MIN_FILL = 0.75
 
 @dataclasses.dataclass(frozen=True)
 class Chunks:
-  """Chunk c is tokens[start[c]:end[c]] of document doc[c], cut for length target[c]."""
+  """Chunk c is tokens[start[c]:end[c]] of document doc[c], cut for length target[c].
+
+  NSP: A is tokens[start[c]:a_end[c]]; B is tokens[a_end[c]:end[c]] unless is_random[c]
+  (then a_end[c] == end[c] and B comes from another document). Without NSP a_end == end.
+  """
   start: np.ndarray
   end: np.ndarray
   doc: np.ndarray
   target: np.ndarray
+  a_end: np.ndarray
+  is_random: np.ndarray
 
   def __len__(self) -> int:
     return len(self.start)
 
 
 def make_chunks(corpus: TokenizedCorpus, max_tokens: int, short_seq_prob: float,
-                rng: np.random.Generator) -> Chunks:
-  """Cuts every document into chunks of at most their target length (see module doc)."""
+                rng: np.random.Generator, nsp_rng: np.random.Generator | None = None) -> Chunks:
+  """Cuts every document into chunks of at most their target length (see module doc);
+  with `nsp_rng`, draws each chunk's A/B split and puts back what a random B leaves out."""
   seg_off = corpus.segment_offsets.tolist()
   doc_off = corpus.document_offsets.tolist()
-  targets_drawn = _target_lengths(max_tokens, short_seq_prob, rng)
-  new_target = lambda: next(targets_drawn)
-  starts, ends, docs, targets = [], [], [], []
-
-  def close(d, lo, hi, target):
-    starts.append(lo)
-    ends.append(hi)
-    docs.append(d)
-    targets.append(target)
-
+  next_target = _target_lengths(max_tokens, short_seq_prob, rng).__next__
+  next_draws = _uniform_pairs(nsp_rng).__next__ if nsp_rng is not None else None
+  columns = starts, ends, docs, targets, a_ends, randoms = [], [], [], [], [], []
   for d in range(corpus.num_documents):
-    start = seg_off[doc_off[d]]
-    target = new_target()
-    for s in range(doc_off[d], doc_off[d + 1]):
-      cur, seg_end = seg_off[s], seg_off[s + 1]
-      while cur < seg_end:
-        room = target - (cur - start)
-        if seg_end - cur <= room:
-          cur = seg_end
-        elif cur - start >= MIN_FILL * target:
-          close(d, start, cur, target)  # full enough: end the chunk at the segment boundary
-          start, target = cur, new_target()
+    s, s_last = doc_off[d], doc_off[d + 1]
+    start, doc_end = seg_off[s], seg_off[s_last]
+    while start < doc_end:
+      target = next_target()
+      end, s_next = _chunk_end(seg_off, start, s, s_last, target)
+      a_end, is_random = end, False
+      if next_draws is not None:
+        u_split, u_random = next_draws()
+        inner = s_next - s - (seg_off[s_next] == end)  # segment starts inside (start, end)
+        if inner == 0:
+          is_random = True  # a single segment: B can only come from elsewhere
         else:
-          cur += room  # cut the segment rather than leave the row mostly padding
-          close(d, start, cur, target)
-          start, target = cur, new_target()
-      if cur - start >= target:
-        close(d, start, cur, target)
-        start, target = cur, new_target()
-    if seg_off[doc_off[d + 1]] > start:
-      close(d, start, seg_off[doc_off[d + 1]], target)
+          k = s + 1 + int(u_split * inner)
+          a_end, is_random = seg_off[k], u_random < 0.5
+          if is_random:  # the segments after A go back for the next chunk
+            end, s_next = a_end, k
+      starts.append(start)
+      ends.append(end)
+      docs.append(d)
+      targets.append(target)
+      a_ends.append(a_end)
+      randoms.append(is_random)
+      start, s = end, s_next
   as_array = lambda x: np.asarray(x, dtype=np.int64)
-  return Chunks(as_array(starts), as_array(ends), as_array(docs), as_array(targets))
+  return Chunks(*map(as_array, columns[:5]), np.asarray(randoms, dtype=np.bool_))
+
+
+def _chunk_end(seg_off: list, start: int, s: int, s_last: int, target: int) -> tuple[int, int]:
+  """(end, s): where the chunk that starts at token `start`, in segment s, ends, and the
+  segment holding its end (s_last at the document's end). Whole segments while they fit;
+  then end at the boundary if MIN_FILL full, else cut the next segment at the target."""
+  cur = start
+  while s < s_last:
+    seg_end = seg_off[s + 1]
+    room = target - (cur - start)
+    if seg_end - cur <= room:
+      cur, s = seg_end, s + 1
+      if cur - start >= target:
+        break
+    elif cur - start >= MIN_FILL * target:
+      break
+    else:
+      cur += room
+      break
+  return cur, s
+
+
+def _uniform_pairs(rng: np.random.Generator, block: int = 4096):
+  """Endless pairs of uniform [0, 1) draws (drawn a block at a time: one per chunk)."""
+  while True:
+    yield from rng.random((block, 2)).tolist()
 
 
 def _target_lengths(max_tokens: int, short_seq_prob: float, rng: np.random.Generator,
@@ -140,7 +174,8 @@ class BertExamples:
     if max_seq_len < overhead + 2:
       raise ValueError(f"max_seq_len={max_seq_len} is too short for BERT examples")
     self.chunks = make_chunks(corpus, max_seq_len - overhead, short_seq_prob,
-                              np.random.default_rng([seed, 0x43484e4b]))
+                              np.random.default_rng([seed, 0x43484e4b]),
+                              np.random.default_rng([seed, 0x4e5350]) if nsp else None)
     self._doc_starts = corpus.document_offsets  # segment index of each document's first segment
 
   def __len__(self) -> int:
@@ -155,13 +190,7 @@ class BertExamples:
     start, end = int(self.chunks.start[c]), int(self.chunks.end[c])
     if not self.nsp:
       return tokens[start:end][:max_tokens], None, False
-    seg_off = self.corpus.segment_offsets
-    inner = seg_off[np.searchsorted(seg_off, start, "right"):np.searchsorted(seg_off, end, "left")]
-    if len(inner):
-      a_end = int(inner[rng.integers(len(inner))])
-    else:
-      a_end = start + int(rng.integers(1, end - start)) if end - start >= 2 else end
-    is_random = a_end == end or rng.random() < 0.5
+    a_end, is_random = int(self.chunks.a_end[c]), bool(self.chunks.is_random[c])
     a = tokens[start:a_end]
     if is_random:
       b = self._random_span(int(self.chunks.doc[c]), int(self.chunks.target[c]) - len(a), rng)

@@ -42,7 +42,9 @@ class PackedBertExamples(BertExamples):
   def __init__(self, corpus, tokenizer, *, max_pairs_per_row: int, **kwargs):
     super().__init__(corpus, tokenizer, **kwargs)
     self.max_pairs = max_pairs_per_row
-    self._budget = np.maximum(self.chunks.end - self.chunks.start, 2 if self.nsp else 1)
+    # A random-B chunk holds only A: its pair may fill the chunk's target length.
+    length = np.where(self.chunks.is_random, self.chunks.target, self.chunks.end - self.chunks.start)
+    self._budget = np.maximum(length, 2 if self.nsp else 1)
     sizes = self._budget + (3 if self.nsp else 2)
     self.row_offsets, self.row_items = pack_rows(
         sizes, self.max_seq_len, max_pairs_per_row, np.random.default_rng([self.seed, 0x5041434b]))

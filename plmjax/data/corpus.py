@@ -4,7 +4,9 @@
   segment_offsets   int64 [S+1]   segment s is tokens[segment_offsets[s]:segment_offsets[s+1]]
   document_offsets  int64 [D+1]   document d is segments document_offsets[d]..[d+1]
 
-Empty segments and documents are dropped.
+Empty segments and documents are dropped. The example builders only take `len()` and
+contiguous slices of `tokens`, so a prepared directory (prepared.py) gives them a lazy
+`tokens` that reads a document's record when a slice touches it; the offsets stay arrays.
 """
 
 import dataclasses
@@ -18,7 +20,7 @@ from plmjax.errors import DataError
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedCorpus:
-  tokens: np.ndarray
+  tokens: np.ndarray  # or prepared.PreparedTokens
   segment_offsets: np.ndarray
   document_offsets: np.ndarray
 

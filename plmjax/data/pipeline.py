@@ -7,7 +7,10 @@
   state = it.get_state()     # JSON-serialisable; save it with the checkpoint
   it.set_state(state)        # continue exactly where `state` was taken
 
-Each process reads only its shard of the documents and tokenises it once. A grain
+Each process reads only its shard of the documents and tokenises it once, or, for a
+directory made by `plmjax data prepare` (prepared.py), reads its documents' tokens on
+demand. With `cache_dir` (pretrain passes WORKDIR/data_cache), a raw source is first
+prepared there (prepare.py), once, and read the same way on every later start. A grain
 MapDataset indexes the examples: shuffled per epoch from config.train.seed
 (eval: in order), repeated forever, each example made on the fly from
 (seed, epoch, index), batched. The position is grain's iterator state.
@@ -16,11 +19,12 @@ MapDataset indexes the examples: shuffled per epoch from config.train.seed
 import grain
 import numpy as np
 
-from plmjax.data import sources
+from plmjax.data import prepare, prepared, sources
 from plmjax.data.bert_examples import BertExamples
 from plmjax.data.bert_packing import PackedBertExamples
 from plmjax.data.corpus import TokenizedCorpus, tokenize_documents
 from plmjax.data.gpt_examples import GptExamples
+from plmjax.data import t5_examples
 from plmjax.data.tokenizer import check_special_tokens, check_vocab
 from plmjax.errors import ConfigError, DataError
 
@@ -36,6 +40,8 @@ def max_pairs_per_row(config) -> int:
 def batch_spec(config, batch_size: int) -> dict[str, tuple[tuple[int, ...], type]]:
   """{key: (shape, dtype)} of the batches make_pretrain_iterator gives, without reading
   data (plmjax compile). tests/test_pipeline.py holds it to the real batches."""
+  if config.model.arch == "t5":
+    return t5_examples.batch_spec(config, batch_size)
   d, b, length = config.data, batch_size, config.data.max_seq_len
   i32, f32 = np.int32, np.float32
   rows = ((b, length), i32)
@@ -83,11 +89,39 @@ def load_corpus(config, tokenizer, *, split: str = "train", process_index: int =
                     "processes?)") from e
 
 
+def open_corpus(config, tokenizer, *, split: str = "train", process_index: int = 0,
+                process_count: int = 1, cache_dir: str | None = None) -> TokenizedCorpus:
+  """config.data[split] as a corpus: a prepared directory is read lazily; a raw source is
+  prepared under `cache_dir` first if given, else tokenised into memory (load_corpus)."""
+  spec, key = config.data[split], f"config.data.{split}"
+  where = dict(process_index=process_index, process_count=process_count, key=key)
+  if prepared.is_unfinished(spec) and not prepared.is_prepared(spec):
+    raise DataError(f"{key}={spec!r} is an unfinished `plmjax data prepare` output (no "
+                    f"{prepared.MANIFEST}): run the same command again to finish it")
+  if not prepared.is_prepared(spec) and cache_dir and spec:
+    tfds_dir = config.data.tfds_data_dir or None
+    spec = prepare.prepare_cached(spec, tokenizer, cache_dir, split=split,
+                                  tfds_data_dir=tfds_dir, **where)
+    where.update(process_index=0, process_count=1)  # the cache holds only this share
+  if prepared.is_prepared(spec):
+    return prepared.open_corpus(spec, tokenizer, model_vocab_size=config.model.vocab_size,
+                                **where)
+  return load_corpus(config, tokenizer, split=split, process_index=process_index,
+                     process_count=process_count)
+
+
 def make_examples(config, tokenizer, corpus: TokenizedCorpus):
   """The map-style example source config.model.arch and config.data ask for."""
   d, seed = config.data, config.train.seed
+  if config.model.arch == "t5":
+    return t5_examples.T5Examples(
+        corpus, tokenizer, max_seq_len=d.max_seq_len, max_target_len=d.max_target_len,
+        noise_density=d.noise_density, mean_noise_span_length=d.mean_noise_span_length,
+        packing=d.packing, seed=seed)
   if config.model.arch == "gpt":
-    return GptExamples(corpus, tokenizer, max_seq_len=d.max_seq_len, packing=d.packing)
+    lazy = not isinstance(corpus.tokens, np.ndarray)
+    return (prepared.StreamGptExamples if lazy else GptExamples)(
+        corpus, tokenizer, max_seq_len=d.max_seq_len, packing=d.packing)
   kwargs = dict(max_seq_len=d.max_seq_len, max_predictions_per_seq=d.max_predictions_per_seq,
                 mask_prob=d.mask_prob, short_seq_prob=d.short_seq_prob,
                 whole_word_masking=d.whole_word_masking, nsp=d.nsp, seed=seed)
@@ -168,13 +202,18 @@ class PretrainIterator:
 
 def make_pretrain_iterator(config, tokenizer, *, split: str = "train", batch_size: int,
                            process_index: int = 0, process_count: int = 1,
-                           num_threads: int = 1) -> PretrainIterator:
+                           num_threads: int = 1, cache_dir: str | None = None) -> PretrainIterator:
   """Batches of this process's share of config.data[split] (see the module docstring)."""
   if batch_size <= 0:
     raise ConfigError(f"per-process batch size {batch_size} must be positive")
+  if split not in SPLITS:
+    raise ValueError(f"split={split!r}; use 'train' or 'eval'")
+  if prepared.is_prepared(config.data[split]):  # its checks name the directory: first
+    prepared.check_manifest(prepared.read_manifest(config.data[split]), config.data[split],
+                            tokenizer, config.model.vocab_size, f"config.data.{split}")
   check_data_config(config, tokenizer)
-  corpus = load_corpus(config, tokenizer, split=split, process_index=process_index,
-                       process_count=process_count)
+  corpus = open_corpus(config, tokenizer, split=split, process_index=process_index,
+                       process_count=process_count, cache_dir=cache_dir)
   examples = make_examples(config, tokenizer, corpus)
   return PretrainIterator(examples, batch_size=batch_size, shuffle=split == "train",
                           seed=config.train.seed, num_workers=config.data.num_workers,

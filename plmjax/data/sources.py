@@ -14,13 +14,17 @@ Shards are disjoint and together cover the data. With at least two files per
 process, process p of n reads only its own run of files (split by size);
 otherwise it reads all and keeps documents i with i % n == p. tfds datasets are
 read by record index, i % n == p.
+
+A directory made by `plmjax data prepare` (prepared.py) is read by the pipeline,
+not here: it is already tokenised.
 """
 
 import glob
 import gzip
+import itertools
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from plmjax.data import python_docs
 from plmjax.data.segments import split_sentences, text_to_segments
@@ -33,6 +37,14 @@ def read_documents(spec: str, *, process_index: int = 0, process_count: int = 1,
 
   `key` names the config key the spec came from, for error messages.
   """
+  docs = iter_documents(spec, process_index=process_index, process_count=process_count,
+                        tfds_data_dir=tfds_data_dir, key=key)
+  return docs if isinstance(docs, TfdsDocuments) else list(docs)
+
+
+def iter_documents(spec: str, *, process_index: int = 0, process_count: int = 1,
+                   tfds_data_dir: str | None = None, key: str = "data spec") -> Iterable[list[str]]:
+  """Like read_documents, but files are read lazily, a document at a time."""
   if not 0 <= process_index < process_count:
     raise ConfigError(f"process_index={process_index} is not in [0, {process_count})")
   if not spec:
@@ -41,17 +53,35 @@ def read_documents(spec: str, *, process_index: int = 0, process_count: int = 1,
   if spec.startswith("tfds:"):
     return TfdsDocuments(spec, process_index, process_count, tfds_data_dir, key)
   if spec.startswith("builtin:"):
-    docs = python_docs.read(spec, key)
-  else:
-    files = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
-    files = [f for f in files if os.path.isfile(f)]
-    if not files:
-      raise DataError(f"{key}={spec!r} matches no files")
-    owners = _file_owners(files, process_count)
-    if owners is not None:  # enough files: each process opens only its own
-      return read_files([f for f, p in zip(files, owners) if p == process_index])
-    docs = read_files(files)
-  return docs[process_index::process_count]
+    return python_docs.read(spec, key)[process_index::process_count]
+  files = match_files(spec, key)
+  owners = _file_owners(files, process_count)
+  if owners is not None:  # enough files: each process opens only its own
+    return iter_files([f for f, p in zip(files, owners) if p == process_index])
+  return itertools.islice(iter_files(files), process_index, None, process_count)
+
+
+def match_files(spec: str, key: str = "data spec") -> list[str]:
+  """The files a glob spec names, sorted; an error if none."""
+  if os.path.isfile(os.path.join(os.path.expanduser(spec), "manifest.json")):
+    raise DataError(f"{key}={spec!r} is a prepared directory (`plmjax data prepare`): read it "
+                    "through the pretraining pipeline, with config.data.tokenizer set to "
+                    f"{os.path.join(spec, 'tokenizer')}, the tokenizer it was prepared with")
+  files = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
+  files = [f for f in files if os.path.isfile(f)]
+  if not files:
+    raise DataError(f"{key}={spec!r} matches no files")
+  return files
+
+
+def signature(spec: str, *, tfds_data_dir: str | None = None, key: str = "data spec") -> dict:
+  """What `spec` reads now (its files' sizes and times): equal signatures, equal documents."""
+  if spec.startswith("tfds:"):
+    return dict(spec=spec, tfds_data_dir=tfds_data_dir or "")
+  if spec.startswith("builtin:"):
+    return dict(spec=spec)
+  files = [os.path.abspath(f) for f in match_files(spec, key)]
+  return dict(spec=spec, files=[[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files])
 
 
 def _file_owners(files: Sequence[str], process_count: int) -> list[int] | None:
@@ -71,20 +101,25 @@ def _file_owners(files: Sequence[str], process_count: int) -> list[int] | None:
 
 
 def read_files(files: Sequence[str]) -> list[list[str]]:
-  docs = []
+  return list(iter_files(files))
+
+
+def iter_files(files: Sequence[str]) -> Iterator[list[str]]:
   for path in files:
-    before = len(docs)
     name = path[:-3] if path.endswith(".gz") else path
     if name.endswith(".jsonl"):
-      docs.extend(_jsonl_documents(path))
+      docs = _jsonl_documents(path)
     elif name.endswith(".txt"):
-      docs.extend(_txt_documents(path))
+      docs = _txt_documents(path)
     else:
       raise DataError(f"{path}: unsupported file type; use .txt (documents separated by blank "
                       "lines) or .jsonl (a `text` field per line)")
-    if len(docs) == before:
+    empty = True
+    for doc in docs:
+      empty = False
+      yield doc
+    if empty:
       raise DataError(f"{path} holds no text")
-  return docs
 
 
 def _open(path: str):
@@ -143,7 +178,8 @@ def open_tfds(spec: str, data_dir: str | None = None, key: str = "data spec"):
 
   name, split = parse_tfds_spec(spec, key)
   where = f"data_dir={data_dir!r}" if data_dir else "the default tfds data_dir"
-  fix = "prepare it with tfds or set config.data.tfds_data_dir to where it was prepared"
+  setting = "--tfds-data-dir" if key.startswith("--") else "config.data.tfds_data_dir"
+  fix = f"prepare it with tfds or set {setting} to where it was prepared"
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
   except tfds.core.registered.DatasetNotFoundError as e:

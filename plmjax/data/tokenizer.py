@@ -5,6 +5,12 @@ Special-token layouts of the sentencepiece models `train_tokenizer` writes:
   kind='bert':  [PAD]=0  [UNK]=1  [CLS]=2  [SEP]=3  [MASK]=4, then the learned pieces.
   kind='gpt':   <|endoftext|>=0  <unk>=1, then the learned pieces. No pad token: GPT
                 batches pad with <|endoftext|> and give those positions loss weight 0.
+  kind='t5':    <pad>=0  </s>=1  <unk>=2, then the learned pieces, then 100 sentinels
+                <extra_id_99> .. <extra_id_0> (<extra_id_0> is the highest id), as Hugging
+                Face's T5 tokenizer numbers them. The .model file holds no sentinels (as
+                Google's spiece.model): any sentencepiece model laid out <pad> </s> <unk>
+                reads as a T5 tokenizer with 100 sentinels above its pieces. Sentinel text
+                such as "<extra_id_3>" encodes to the sentinel, as in Hugging Face.
 
 [CLS]/[SEP]/[MASK] are sentencepiece *control* symbols: the text "[MASK]" in a
 document is encoded as ordinary characters and can never become a real mask.
@@ -25,7 +31,14 @@ from plmjax.errors import DataError
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 EOT = "<|endoftext|>"
 MODEL_TYPES = ("unigram", "bpe")
-KINDS = ("bert", "gpt")
+KINDS = ("bert", "gpt", "t5")
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")
+T5_NUM_SENTINELS = 100
+_SENTINEL = re.compile(r"<extra_id_(\d+)>")
+
+
+def sentinel_piece(i: int) -> str:
+  return f"<extra_id_{i}>"
 
 
 class Tokenizer:
@@ -39,6 +52,8 @@ class Tokenizer:
   sep_id: int | None = None
   mask_id: int | None = None
   eos_id: int | None = None
+  # T5: id of <extra_id_0>; sentinel i is sentinel_id - i (Hugging Face's numbering).
+  sentinel_id: int | None = None
   # vocab_size booleans: True where a piece starts a word (whole-word masking).
   _word_start: np.ndarray
   _special: set[int]
@@ -63,10 +78,18 @@ class Tokenizer:
   def kind(self) -> str:
     if None not in (self.cls_id, self.sep_id, self.mask_id):
       return "bert"
+    if self.sentinel_id is not None and self.eos_id is not None:
+      return "t5"
     if self.eos_id is not None:
       return "gpt"
     raise DataError(f"tokenizer {self.path} has neither the BERT special tokens "
-                    f"({', '.join(BERT_SPECIALS)}) nor {EOT}")
+                    f"({', '.join(BERT_SPECIALS)}) nor {EOT} nor T5's </s> and sentinels")
+
+  def sentinel(self, i: int) -> int:
+    """The id of <extra_id_i>."""
+    if self.sentinel_id is None:
+      raise DataError(f"tokenizer {self.path} has no T5 sentinels (<extra_id_0>..)")
+    return self.sentinel_id - i
 
   def save(self, directory: str) -> str:
     raise NotImplementedError
@@ -90,7 +113,11 @@ class SentencePieceTokenizer(Tokenizer):
       self._sp.Load(self.path)
     except (OSError, RuntimeError) as e:
       raise DataError(f"tokenizer file {self.path} is not a sentencepiece model ({e})") from e
-    self.vocab_size = self._sp.get_piece_size()
+    self.vocab_size = pieces_size = self._sp.get_piece_size()
+    t5 = [self._sp.id_to_piece(i) for i in range(min(3, pieces_size))] == list(T5_SPECIALS)
+    if t5:  # sentinels above the pieces
+      self.vocab_size = pieces_size + T5_NUM_SENTINELS
+      self.sentinel_id = self.vocab_size - 1
 
     def lookup(piece):
       i = self._sp.piece_to_id(piece)
@@ -99,24 +126,58 @@ class SentencePieceTokenizer(Tokenizer):
     self.pad_id, self.unk_id = lookup("[PAD]"), self._sp.unk_id()
     self.cls_id, self.sep_id, self.mask_id = lookup("[CLS]"), lookup("[SEP]"), lookup("[MASK]")
     self.eos_id = lookup(EOT)
+    if t5:
+      self.pad_id, self.eos_id, self.unk_id = 0, 1, 2
     if self.pad_id is None and self._sp.pad_id() >= 0:
       self.pad_id = self._sp.pad_id()
-    pieces = [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
-    self._word_start = np.array([p.startswith("\u2581") for p in pieces], dtype=np.bool_)
-    control = [i for i in range(self.vocab_size) if self._sp.is_control(i)]
-    self._finish_init(control)
+    pieces = [self._sp.id_to_piece(i) for i in range(pieces_size)]
+    self._word_start = np.array([p.startswith("\u2581") for p in pieces] +
+                                [True] * (self.vocab_size - pieces_size), dtype=np.bool_)
+    control = [i for i in range(pieces_size) if self._sp.is_control(i)]
+    self._finish_init(control + list(range(pieces_size, self.vocab_size)))
 
   def encode(self, text: str) -> list[int]:
+    if self.sentinel_id is not None and "<extra_id_" in text:
+      return self._encode_with_sentinels(text)
     return self._sp.encode(text)
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    if self.sentinel_id is not None and any("<extra_id_" in t for t in texts):
+      return [self.encode(t) for t in texts]
     return self._sp.encode(list(texts))
 
+  def _encode_with_sentinels(self, text: str) -> list[int]:
+    """Sentinel text as the sentinel's id and the text between as sentencepiece
+    encodes it (Hugging Face's added tokens split the text the same way)."""
+    ids, start = [], 0
+    for m in _SENTINEL.finditer(text):
+      i = int(m.group(1))
+      if i >= T5_NUM_SENTINELS:
+        continue
+      ids += self._sp.encode(text[start:m.start()]) + [self.sentinel(i)]
+      start = m.end()
+    return ids + self._sp.encode(text[start:])
+
   def decode(self, ids) -> str:
-    return self._sp.decode([int(i) for i in ids])
+    ids = [int(i) for i in ids]
+    n = self._sp.get_piece_size()
+    if all(i < n for i in ids):
+      return self._sp.decode(ids)
+    # Sentinels as their text between decoded runs of pieces.
+    parts, run = [], []
+    for i in ids:
+      if i < n:
+        run.append(i)
+        continue
+      parts += [self._sp.decode(run), self.id_to_piece(i)]
+      run = []
+    return " ".join(p for p in parts + [self._sp.decode(run)] if p)
 
   def id_to_piece(self, i: int) -> str:
-    return self._sp.id_to_piece(int(i))
+    i = int(i)
+    if i >= self._sp.get_piece_size():
+      return sentinel_piece(self.sentinel_id - i)
+    return self._sp.id_to_piece(i)
 
   def save(self, directory: str) -> str:
     os.makedirs(directory, exist_ok=True)
@@ -154,6 +215,9 @@ class HFTokenizer(Tokenizer):
     self.pad_id, self.unk_id = lookup("[PAD]"), lookup("[UNK]")
     self.cls_id, self.sep_id, self.mask_id = lookup("[CLS]"), lookup("[SEP]"), lookup("[MASK]")
     self.eos_id = lookup(EOT)
+    self.sentinel_id = lookup(sentinel_piece(0))
+    if self.sentinel_id is not None:  # a T5 tokenizer.json
+      self.pad_id, self.eos_id, self.unk_id = (lookup(p) for p in T5_SPECIALS)
     vocab = self._tok.get_vocab(with_added_tokens=True)
     self._word_start = np.ones(self.vocab_size, dtype=np.bool_)
     rule = _word_start_rule(type(self._tok.model).__name__, vocab)
@@ -263,11 +327,15 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, *, exact: bool = Tr
 
 
 def check_special_tokens(tokenizer: Tokenizer, arch: str):
-  """BERT needs [PAD]/[CLS]/[SEP]/[MASK]; GPT needs <|endoftext|>."""
+  """BERT needs [PAD]/[CLS]/[SEP]/[MASK]; GPT needs <|endoftext|>; T5 <pad>, </s> and
+  the sentinels."""
   if arch == "bert":
     missing = [p for p, i in zip(BERT_SPECIALS, (tokenizer.pad_id, tokenizer.unk_id,
                                                  tokenizer.cls_id, tokenizer.sep_id,
                                                  tokenizer.mask_id)) if i is None]
+  elif arch == "t5":
+    missing = [p for p, i in (("<pad>", tokenizer.pad_id), ("</s>", tokenizer.eos_id),
+                              (sentinel_piece(0), tokenizer.sentinel_id)) if i is None]
   else:
     missing = [EOT] if tokenizer.eos_id is None else []
   if missing:
@@ -280,6 +348,8 @@ _SPECIALS = {
     "bert": dict(pad_id=0, pad_piece="[PAD]", unk_id=1, unk_piece="[UNK]", bos_id=-1, eos_id=-1,
                  control_symbols=["[CLS]", "[SEP]", "[MASK]"]),
     "gpt": dict(eos_id=0, eos_piece=EOT, unk_id=1, unk_piece="<unk>", bos_id=-1, pad_id=-1),
+    "t5": dict(pad_id=0, pad_piece="<pad>", eos_id=1, eos_piece="</s>", unk_id=2,
+               unk_piece="<unk>", bos_id=-1),
 }
 
 
@@ -297,13 +367,18 @@ def train_tokenizer(texts_or_files, vocab_size: int, model_type: str = "unigram"
   is a setting (unigram's EM sums in per-thread order), not the machine's core
   count, so the same input and settings give the same bytes on any machine.
   `key` names the input and `vocab_key` the vocabulary size in error messages.
+  kind='t5': vocab_size counts the 100 sentinels, which the .model does not hold.
   """
   from plmjax.data import sources  # pylint: disable=g-import-not-at-top
 
   if model_type not in MODEL_TYPES:
     raise DataError(f"model type {model_type!r} is not allowed; use unigram or bpe")
   if kind not in KINDS:
-    raise DataError(f"tokenizer kind {kind!r} is not allowed; use bert or gpt")
+    raise DataError(f"tokenizer kind {kind!r} is not allowed; use bert, gpt or t5")
+  pieces_size = vocab_size - (T5_NUM_SENTINELS if kind == "t5" else 0)
+  if pieces_size < 4:
+    raise DataError(f"{vocab_key} {vocab_size} is too small: a t5 tokenizer holds "
+                    f"{T5_NUM_SENTINELS} sentinels and <pad> </s> <unk> besides its pieces")
   if isinstance(texts_or_files, (str, os.PathLike)) and not isinstance(texts_or_files, str):
     texts_or_files = [texts_or_files]
   if isinstance(texts_or_files, str):
@@ -319,14 +394,14 @@ def train_tokenizer(texts_or_files, vocab_size: int, model_type: str = "unigram"
   if not sentences:
     raise DataError(f"{key}: no text to train the tokenizer on")
   args = dict(_SPECIALS[kind])
-  args.update(model_type=model_type, vocab_size=vocab_size, character_coverage=character_coverage,
+  args.update(model_type=model_type, vocab_size=pieces_size, character_coverage=character_coverage,
               byte_fallback=byte_fallback, input_sentence_size=0, max_sentence_length=1 << 16,
               num_threads=num_threads, minloglevel=0 if verbose else 2)
   model = io.BytesIO()  # no model_prefix in the trainer spec: same bytes wherever it is written
   try:
     spm.SentencePieceTrainer.Train(sentence_iterator=iter(sentences), model_writer=model, **args)
   except RuntimeError as e:
-    raise _training_error(e, vocab_size, vocab_key) from e
+    raise _training_error(e, vocab_size, vocab_key, vocab_size - pieces_size) from e
   out_prefix = os.fspath(out_prefix)
   os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
   sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
@@ -345,14 +420,15 @@ def train_tokenizer(texts_or_files, vocab_size: int, model_type: str = "unigram"
   return out_prefix + ".model"
 
 
-def _training_error(e: RuntimeError, vocab_size: int, vocab_key: str) -> DataError:
+def _training_error(e: RuntimeError, vocab_size: int, vocab_key: str,
+                    extra: int = 0) -> DataError:
   """sentencepiece's error, in terms of the flag or config key that set the size."""
   sep = " " if vocab_key.startswith("-") else "="  # "--vocab-size 8000", "config...=8000"
   setting = f"{vocab_key}{sep}{vocab_size}"
   most = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", str(e))
   if most:
     return DataError(f"{setting} is too large for this corpus: sentencepiece can make at most "
-                     f"{most[1]} pieces from it; lower {vocab_key} or add text")
+                     f"{int(most[1]) + extra} pieces from it; lower {vocab_key} or add text")
   first = str(e).strip().split("\n")[0]
   return DataError(f"sentencepiece training failed for {setting}: {first}")
 

@@ -1,11 +1,12 @@
 """`plmjax tokenizer train`: train a sentencepiece tokenizer.
 
   plmjax tokenizer train --input 'corpus/*.txt' --vocab-size 8000 --model-type unigram \\
-      --out tok/spm [--kind bert|gpt] [--max-sentences N]
+      --out tok/spm [--kind bert|gpt|t5] [--max-sentences N]
 
 --input takes the same forms as config.data.train (glob, tfds:NAME:SPLIT,
 builtin:python-docs). Writes OUT.model and OUT.vocab. The same input and flags
-give the same model.
+give the same model. --kind t5: --vocab-size counts T5's 100 sentinels, which sit above
+the sentencepiece pieces (OUT.vocab lists the pieces only).
 """
 
 import argparse
@@ -24,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser):
   p.add_argument("--model-type", choices=tokenizer.MODEL_TYPES, default="unigram")
   p.add_argument("--out", required=True, help="output prefix: writes PREFIX.model, PREFIX.vocab")
   p.add_argument("--kind", choices=tokenizer.KINDS, default="bert",
-                 help="special tokens: bert ([PAD]=0 [UNK] [CLS] [SEP] [MASK]) or gpt "
-                      "(<|endoftext|>=0 <unk>)")
+                 help="special tokens: bert ([PAD]=0 [UNK] [CLS] [SEP] [MASK]), gpt "
+                      "(<|endoftext|>=0 <unk>) or t5 (<pad>=0 </s> <unk>, 100 sentinels "
+                      "<extra_id_0>.. at the top)")
   p.add_argument("--max-sentences", type=int, default=2_000_000,
                  help="train on the first N segments of the input")
   p.add_argument("--character-coverage", type=float, default=0.9995)

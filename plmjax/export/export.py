@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 
 from plmjax import workdir as workdir_lib
 from plmjax.errors import CheckpointError, UserError
-from plmjax.export import hf_config, hf_tokenizer, hf_weights
+from plmjax.export import hf_config, hf_tokenizer, hf_weights, t5_weights
 from plmjax.models import build_model
 from plmjax.models.config import ModelConfig
 from plmjax.train import checkpoint
@@ -105,7 +105,10 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "flo
   params, step = checkpoint.load_params(workdir, step)
   params = _unbox(hf_weights.unwrap(params))
   check_params(params, cfg, head, workdir)
-  state = hf_weights.to_hf_state_dict(params, cfg.arch, dtype)
+  if cfg.arch == "t5":
+    state = t5_weights.to_hf_state_dict(params, dtype)
+  else:
+    state = hf_weights.to_hf_state_dict(params, cfg.arch, dtype)
 
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
@@ -144,6 +147,9 @@ def _special_ids(tokenizer_json: str, arch: str) -> dict:
   tok = Tokenizer.from_file(tokenizer_json)
   if arch == "bert":
     return dict(pad_token_id=tok.token_to_id("[PAD]"))
+  if arch == "t5":
+    return dict(pad_token_id=tok.token_to_id(hf_tokenizer.T5_SPECIALS["pad_token"]),
+                eos_token_id=tok.token_to_id(hf_tokenizer.T5_SPECIALS["eos_token"]))
   eos = tok.token_to_id(hf_tokenizer.GPT_EOS)
   pad = tok.token_to_id("<pad>")
   return dict(bos_token_id=eos, eos_token_id=eos, pad_token_id=pad)

@@ -6,8 +6,12 @@ the piece order), its precompiled normaliser, whitespace handling as a Metaspace
 pre-tokenizer, byte fallback when it was trained with it. transformers loads
 the result as `PreTrainedTokenizerFast` through `tokenizer_config.json`.
 
+T5 (kind='t5'): the 100 sentinels <extra_id_99>..<extra_id_0> are added above the
+pieces (<extra_id_0> highest) and `</s>` is appended to every sequence, as Hugging
+Face's T5 tokenizer does.
+
 Imported Hugging Face tokenizers (WordPiece `vocab.txt`, GPT-2 `vocab.json` +
-`merges.txt`) get a `tokenizer.json` too, built the way transformers builds
+`merges.txt`, T5 `spiece.model`) get a `tokenizer.json` too, built the way transformers builds
 them, so plmjax's data code and transformers split text identically.
 """
 
@@ -20,13 +24,15 @@ from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 from tokenizers import pre_tokenizers, processors
 
-from plmjax.data.tokenizer import wordpiece_tokenizer
+from plmjax.data.tokenizer import T5_NUM_SENTINELS, sentinel_piece, wordpiece_tokenizer
 from plmjax.errors import DataError
 
 SPIECE = "\u2581"  # sentencepiece's whitespace symbol
 BERT_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
                  "sep_token": "[SEP]", "mask_token": "[MASK]"}
 GPT_EOS = "<|endoftext|>"
+T5_SPECIALS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+T5_SPIECE = "spiece.model"  # a T5 sentencepiece model as transformers 4 saved it
 # Files of a Hugging Face tokenizer that travel with a model.
 HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt",
                       "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -115,7 +121,23 @@ def sentencepiece_to_tokenizer(model_path: str, kind: str) -> Tokenizer:
                         if t == _USER_DEFINED and pieces[i] not in specials])
   if kind == "bert":
     add_bert_post_processor(tokenizer)
+  if kind == "t5":
+    add_t5_sentinels_and_eos(tokenizer)
   return tokenizer
+
+
+def add_t5_sentinels_and_eos(tokenizer: Tokenizer):
+  """<extra_id_99>..<extra_id_0> as special tokens above the pieces, and `A </s>`."""
+  eos = T5_SPECIALS["eos_token"]
+  if tokenizer.token_to_id(eos) is None:
+    raise DataError(f"the tokenizer has no {eos} token; a T5 tokenizer needs <pad>, </s> "
+                    "and <unk> (plmjax tokenizer train --kind t5)")
+  if tokenizer.token_to_id(sentinel_piece(0)) is None:
+    tokenizer.add_special_tokens([AddedToken(sentinel_piece(i), special=True, normalized=False)
+                                  for i in reversed(range(T5_NUM_SENTINELS))])
+  tokenizer.post_processor = processors.TemplateProcessing(
+      single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:0 {eos}:0",
+      special_tokens=[(eos, tokenizer.token_to_id(eos))])
 
 
 def add_bert_post_processor(tokenizer: Tokenizer):
@@ -162,6 +184,8 @@ def special_tokens_map(tokenizer: Tokenizer, kind: str) -> dict[str, str]:
   """Special-token roles present in the vocabulary."""
   if kind == "bert":
     roles = BERT_SPECIALS
+  elif kind == "t5":
+    roles = T5_SPECIALS
   else:
     roles = {"bos_token": GPT_EOS, "eos_token": GPT_EOS, "unk_token": GPT_EOS}
     for role, name in (("pad_token", "<pad>"), ("pad_token", "[PAD]"), ("unk_token", "<unk>")):
@@ -240,11 +264,14 @@ def load_hf_tokenizer_dir(hf_dir: str, kind: str) -> Tokenizer:
       config = json.load(f)
   vocab_txt = os.path.join(hf_dir, "vocab.txt")
   vocab_json, merges = os.path.join(hf_dir, "vocab.json"), os.path.join(hf_dir, "merges.txt")
+  spiece = os.path.join(hf_dir, T5_SPIECE)
+  if kind == "t5" and os.path.isfile(spiece):
+    return sentencepiece_to_tokenizer(spiece, "t5")
   if kind == "bert" and os.path.isfile(vocab_txt):
     return _bert_wordpiece(vocab_txt, config)
   if kind == "gpt" and os.path.isfile(vocab_json) and os.path.isfile(merges):
     return byte_level_bpe_tokenizer(vocab_json, merges)
-  want = "vocab.txt" if kind == "bert" else "vocab.json and merges.txt"
+  want = {"bert": "vocab.txt", "t5": T5_SPIECE}.get(kind, "vocab.json and merges.txt")
   raise DataError(f"{hf_dir} has no tokenizer files (tokenizer.json or {want})")
 
 
@@ -254,7 +281,8 @@ def import_hf_tokenizer(hf_dir: str, out_dir: str, kind: str) -> list[str] | Non
   Returns the names written, or None when hf_dir has no tokenizer files.
   """
   present = [n for n in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
-  if not {"tokenizer.json", "vocab.txt", "vocab.json"} & set(present):
+  t5_spm = kind == "t5" and os.path.isfile(os.path.join(hf_dir, T5_SPIECE))
+  if not {"tokenizer.json", "vocab.txt", "vocab.json"} & set(present) and not t5_spm:
     return None
   tokenizer = load_hf_tokenizer_dir(hf_dir, kind)
   os.makedirs(out_dir, exist_ok=True)

@@ -9,6 +9,10 @@ names `kernel`/`embedding`/`scale` <-> `weight`. Two layout facts:
     attention projections keep the heads as an axis here (so they shard over `tensor`):
     c_attn [D, 3, H, K] (bias [3, H, K]) and c_proj [H, K, D] are HF's [D, 3D], [3D] and
     [D, D] reshaped, the same bytes in the same order.
+A scanned model (model.scan_layers) stacks its layers on a leading axis (`layer`,
+`h`); it is unstacked to the per-layer tree before the mapping and imports are stacked
+after it (plmjax.models.transformer.unstack_layers / match_layer_layout): one
+conversion path and Hugging Face sees the same names either way.
 Tied weights (the MLM decoder, GPT-2's lm_head) are not stored by Hugging Face
 and not stored by us; old checkpoints that do store them are checked for being
 tied and dropped, and old buffers (position_ids, GPT-2's attn.bias) are ignored.
@@ -21,6 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from plmjax.errors import CheckpointError
+from plmjax.models.transformer import match_layer_layout, unstack_layers
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
@@ -97,7 +102,7 @@ def to_hf_state_dict(params, arch: str, dtype: str = "float32") -> dict[str, np.
   if dtype not in DTYPES:
     raise CheckpointError(f"--dtype {dtype!r} is not supported; use {', '.join(DTYPES)}")
   out = {}
-  for path, value in flatten(unwrap(params)).items():
+  for path, value in flatten(unstack_layers(unwrap(params))).items():
     array = np.asarray(value)
     array = array.reshape(hf_shape(arch, path, array.shape))
     if _transposed(arch, path):
@@ -147,11 +152,12 @@ def check_tied(state_dict: dict, arch: str, source: str):
 def from_hf_state_dict(state_dict: dict, abstract_params, arch: str, source: str = "weights"):
   """Fills the plmjax tree `abstract_params` (shapes/dtypes) from a normalised state dict.
 
-  Returns (flat params found {path: np.ndarray}, missing HF names, unused HF names).
-  Shapes that do not match raise CheckpointError naming the tensor.
+  Returns (flat params found {path: np.ndarray}, missing HF names, unused HF names); the
+  paths are those of `abstract_params`, stacked layers included, once no layer tensor is
+  missing. Shapes that do not match raise CheckpointError naming the tensor.
   """
   found, missing = {}, []
-  expected = flatten(unwrap(abstract_params))
+  expected = flatten(unstack_layers(unwrap(abstract_params)))
   names = {hf_name(path): path for path in expected}
   for name, path in names.items():
     if name not in state_dict:
@@ -169,6 +175,7 @@ def from_hf_state_dict(state_dict: dict, abstract_params, arch: str, source: str
           "weights do not match")
     found[path] = array.reshape(want).astype(expected[path].dtype)
   unused = sorted(set(state_dict) - set(names))
+  found = flatten(match_layer_layout(unflatten(found), unwrap(abstract_params)))
   return found, sorted(missing), unused
 
 

@@ -1,4 +1,4 @@
-"""`plmjax import-hf`: a Hugging Face BERT / GPT-2 directory -> a plmjax workdir.
+"""`plmjax import-hf`: a Hugging Face BERT / GPT-2 / T5 directory -> a plmjax workdir.
 
   plmjax import-hf --model HF_DIR --workdir DIR [--head HEAD] [--overwrite] [--config.a.b=V ...]
 
@@ -23,8 +23,9 @@ from safetensors.numpy import load_file
 
 from plmjax import workdir as workdir_lib
 from plmjax import config as config_lib
+from plmjax import embed as embed_lib
 from plmjax.errors import CheckpointError, UserError
-from plmjax.export import hf_config, hf_tokenizer, hf_weights
+from plmjax.export import hf_config, hf_tokenizer, hf_weights, t5_weights
 from plmjax.models import HEADS, build_model
 from plmjax.models.config import ModelConfig
 from plmjax.train import checkpoint
@@ -65,6 +66,10 @@ def format_report(report: dict, hf_dir: str, workdir: str) -> str:
   else:
     lines.append(f"  warning: {hf_dir} has no tokenizer files; pass --config.data.tokenizer=... "
                  "when fine-tuning")
+  if report.get("sentence_transformers"):
+    settings = embed_lib.describe_settings(report["sentence_transformers"])
+    lines.append(f"  sentence-transformers: {settings} -> "
+                 f"{os.path.join(workdir, embed_lib.SETTINGS_FILE)} (`plmjax embed` defaults)")
   return "\n".join(lines)
 
 
@@ -148,6 +153,7 @@ def _init_params(model, seed: int):
 def import_hf(hf_dir: str, workdir: str, *, head: str | None = None, overrides=(),
               overwrite: bool = False) -> dict:
   """Converts HF_DIR into a plmjax workdir; returns a report dict."""
+  st_dir, hf_dir = hf_dir, embed_lib.transformer_dir(hf_dir)  # sentence-transformers: its model
   hf = read_hf_config(hf_dir)
   source = os.path.join(hf_dir, "config.json")
   model_cfg, default_head, cls = hf_config.from_hf_config(hf, source)
@@ -170,16 +176,24 @@ def import_hf(hf_dir: str, workdir: str, *, head: str | None = None, overrides=(
 
   state, weights_name = read_hf_weights(hf_dir)
   weights_source = os.path.join(hf_dir, weights_name)
-  state, ignored = hf_weights.normalise_hf_names(state, arch)
-  tied = [k for k in hf_weights.TIED[arch] if k in state]
-  hf_weights.check_tied(state, arch, weights_source)
   model = build_model(model_cfg, head)
   abstract = _abstract_params(model)
-  found, missing, unused = hf_weights.from_hf_state_dict(state, abstract, arch, weights_source)
-
-  _raise_on_mismatch(missing, unused, weights_source, hf)
+  if arch == "t5":
+    state, ignored = t5_weights.normalise_hf_names(state, model_cfg.tie_word_embeddings,
+                                                   weights_source)
+    tied = []
+    found, missing, unused = t5_weights.from_hf_state_dict(state, abstract, weights_source)
+    # T5ForConditionalGeneration has no optional head: every tensor must be there and used.
+    _raise_on_mismatch(missing, unused, weights_source, hf, head_names=False)
+    names = {}
+  else:
+    state, ignored = hf_weights.normalise_hf_names(state, arch)
+    tied = [k for k in hf_weights.TIED[arch] if k in state]
+    hf_weights.check_tied(state, arch, weights_source)
+    found, missing, unused = hf_weights.from_hf_state_dict(state, abstract, arch, weights_source)
+    _raise_on_mismatch(missing, unused, weights_source, hf)
+    names = {hf_weights.hf_name(p): p for p in hf_weights.flatten(abstract)}
   flat = dict(found)
-  names = {hf_weights.hf_name(p): p for p in hf_weights.flatten(abstract)}
   if missing:  # head weights only (checked above): initialise them as training would
     init = hf_weights.flatten(_init_params(model, config.train.seed))
     flat.update({names[n]: init[names[n]] for n in missing})
@@ -193,19 +207,26 @@ def import_hf(hf_dir: str, workdir: str, *, head: str | None = None, overrides=(
         shutil.rmtree(sub, ignore_errors=True)
     checkpoint.write_params_workdir(workdir, config, params, step=0,
                                     tokenizer_dir=tok_dir if tokenizer_files else None)
-  return dict(arch=arch, head=head, num_tensors=len(found),
+  sentence = embed_lib.sentence_transformers_settings(st_dir)
+  embed_lib.write_settings(workdir, sentence)  # `plmjax embed`'s defaults (None: none)
+  return dict(arch=arch, head=head, num_tensors=len(found), sentence_transformers=sentence,
               num_params=int(sum(v.size for v in found.values())), initialised=missing,
               dropped=unused, ignored=sorted(ignored + tied), tokenizer_files=tokenizer_files or [],
               **{"class": cls})
 
 
-def _raise_on_mismatch(missing: list[str], unused: list[str], source: str, hf: dict):
-  """Base-model tensors must all be there and all be used: else config and weights disagree."""
-  base_missing = [n for n in missing if not hf_weights.is_head_name(n)]
-  base_unused = [n for n in unused if not hf_weights.is_head_name(n)]
+def _raise_on_mismatch(missing: list[str], unused: list[str], source: str, hf: dict,
+                       head_names: bool = True):
+  """Base-model tensors must all be there and all be used: else config and weights disagree.
+  head_names=False: no tensor belongs to an optional head (T5)."""
+  def is_head(name):
+    return head_names and hf_weights.is_head_name(name)
+
+  base_missing = [n for n in missing if not is_head(n)]
+  base_unused = [n for n in unused if not is_head(n)]
   if not base_missing and not base_unused:
     return
-  layers = hf.get("num_hidden_layers", hf.get("n_layer"))
+  layers = hf.get("num_hidden_layers", hf.get("n_layer", hf.get("num_layers")))
   parts = []
   if base_missing:
     parts.append(f"missing {len(base_missing)} tensor(s) the config needs "

@@ -9,8 +9,14 @@ Specs (config.data.train / config.data.eval, `plmjax predict --input`):
 
 Every record remembers where it came from ('file:line' or 'tfds:...[index]') so that
 bad values are reported with their place.
+
+Field names, the one rule (`task_fields`): a name set in config.task.text_field /
+text_b_field / label_field is read from every source; otherwise local files use the
+documented names of the task type (LOCAL_FIELDS) and tfds datasets their own names, which
+a config lists in config.task.tfds_fields (an empty entry there: the local name).
 """
 
+import copy
 import csv
 import dataclasses
 import os
@@ -36,6 +42,42 @@ class Record:
                         f"{config_key} to the field that holds it")
       value = value[part]
     return value
+
+
+# Task type -> the (text, text_b, label) fields of records in local files.
+LOCAL_FIELDS = {
+    "classification": ("text", "text_b", "label"),
+    "regression": ("text", "text_b", "label"),
+    "tagging": ("tokens", "", "tags"),  # a list of words (or a text), one tag per word
+    "qa": ("question", "context", "answers"),
+    "completion": ("prompt", "", "completion"),
+    "seq2seq": ("source", "", "target"),
+}
+SLOTS = ("text", "text_b", "label")
+
+
+def task_fields(task, records):
+  """A copy of `task` whose text_field, text_b_field and label_field are the names that
+  `records` use (see the module docstring). text_b_field stays empty when the task reads
+  one text: tagging, completion, seq2seq, and classification/regression without task.pairs (a set
+  text_b_field implies pairs)."""
+  local = LOCAL_FIELDS.get(task.type, LOCAL_FIELDS["classification"])
+  from_tfds = bool(records) and records[0].where.startswith("tfds:")
+  tfds_names = getattr(task, "tfds_fields", None) or {}
+  names = []
+  for slot, default in zip(SLOTS, local):
+    name = getattr(task, f"{slot}_field", "") or ""
+    if not name and from_tfds:
+      name = tfds_names.get(slot, "") or ""
+    names.append(name or default)
+  pairs = task.type == "qa" or (
+      task.type in ("classification", "regression")
+      and (getattr(task, "pairs", False) or bool(getattr(task, "text_b_field", ""))))
+  if not pairs:
+    names[1] = ""
+  resolved = copy.deepcopy(task)
+  resolved.text_field, resolved.text_b_field, resolved.label_field = names
+  return resolved
 
 
 class Records(list):

@@ -6,6 +6,10 @@ is split on whitespace) and one tag per word from `label_field`; only the first 
 of a word carries its label. QA reads the question from `text_field`, the context from
 `text_b_field` and the answers ({'text': [...], 'answer_start': [...]}, or answer strings)
 from `label_field`; long contexts become several windows `doc_stride` tokens apart.
+QA spans are sub-word spans: each context token keeps its (start, end) characters in the
+context, the training target is the tokens that cover the answer's own characters, and a
+predicted span is cut out of the context through those offsets (as Hugging Face's offset
+mapping does), so "Greta" in "Greta's boat" and "1895" in "(1895-1943)" are answers.
 """
 
 import dataclasses
@@ -13,7 +17,9 @@ import re
 
 import numpy as np
 
+from plmjax.data.tokenizer import HFTokenizer, SentencePieceTokenizer
 from plmjax.errors import ConfigError, DataError
+from plmjax.finetune.data import task_fields
 
 IGNORE = -1  # tagging label of positions without a prediction target
 
@@ -105,6 +111,7 @@ def featurize(task, tokenizer, records, max_len: int, *, with_labels: bool = Tru
                       "regression, tagging or qa")
   if not records:
     raise DataError("no records to featurise")
+  task = task_fields(task, records)  # the field names these records use
   class_names = getattr(records, "class_names", {}).get(task.label_field)
   return fn(task, Encoder(tokenizer, max_len), records, with_labels, class_names)
 
@@ -217,10 +224,58 @@ def _max_context(windows, n: int) -> np.ndarray:
   return best
 
 
+def _strip(text: str, start: int, end: int) -> tuple[int, int]:
+  """A token's characters without the whitespace it carries (sentencepiece's '▁')."""
+  while start < end and text[start].isspace():
+    start += 1
+  while end > start and text[end - 1].isspace():
+    end -= 1
+  return start, end
+
+
+def encode_with_offsets(tokenizer, texts: list[str]) -> list[tuple[list[int], np.ndarray]]:
+  """Each text's ids (as tokenizer.encode gives them) and each token's (start, end)
+  characters in the text, Nx2, whitespace left out (a token of only whitespace is empty).
+
+  sentencepiece reports byte offsets into the original text (its normalisation is
+  undone), the `tokenizers` library character offsets (WordPiece vocab.txt included).
+  """
+  # pylint: disable=protected-access
+  out = []
+  if isinstance(tokenizer, SentencePieceTokenizer):
+    for text, proto in zip(texts, tokenizer._sp.encode(list(texts), out_type="proto")):
+      char = np.arange(len(text) + 1)
+      if len(text.encode("utf-8")) != len(text):  # byte -> character
+        sizes = [len(c.encode("utf-8")) for c in text]
+        char = np.append(np.repeat(np.arange(len(text)), sizes), len(text))
+      pieces = list(proto.pieces)
+      offsets = [_strip(text, char[p.begin], char[p.end]) for p in pieces]
+      out.append(([p.id for p in pieces], np.array(offsets, np.int64).reshape(-1, 2)))
+  elif isinstance(tokenizer, HFTokenizer):
+    for text, e in zip(texts, tokenizer._tok.encode_batch(list(texts),
+                                                           add_special_tokens=False)):
+      # A lone '▁' may be the Metaspace pre-tokenizer's own (offsets of the next character).
+      offsets = [_strip(text, a, a if not piece.strip("\u2581\u0120") else b)
+                 for piece, (a, b) in zip(e.tokens, e.offsets)]
+      out.append((list(e.ids), np.array(offsets, np.int64).reshape(-1, 2)))
+  else:
+    raise DataError(f"tokenizer {tokenizer.path} gives no character offsets; QA needs a "
+                    "sentencepiece .model, a tokenizer.json or a vocab.txt")
+  return out
+
+
+def _answer_tokens(offsets_Tx2, start: int, end: int):
+  """First and last token that hold characters of context[start:end], or None."""
+  hit = np.nonzero((offsets_Tx2[:, 0] < end) & (offsets_Tx2[:, 1] > start)
+                   & (offsets_Tx2[:, 1] > offsets_Tx2[:, 0]))[0]
+  return (int(hit[0]), int(hit[-1])) if hit.size else None
+
+
 def _qa(task, enc, records, with_labels, class_names) -> Features:
   del class_names
   rows, examples, skipped = [], [], 0
   tfds = bool(records) and records[0].where.startswith("tfds:")
+  encoded = {}  # context -> (ids, offsets): SQuAD asks several questions per context
   for r in records:
     question = _text(r, task.text_field, "config.task.text_field")
     context = _text(r, task.text_b_field, "config.task.text_b_field")
@@ -237,17 +292,19 @@ def _qa(task, enc, records, with_labels, class_names) -> Features:
         skipped += 1  # published sets hold a few misaligned answers: count, report, go on
         continue
     q = enc.tok.encode(question)[:task.max_query_len]
-    tok_word, ctx = [], []
-    for w, ids in enumerate(enc.words([context[s:e] for s, e in spans])):
-      ctx.extend(ids)
-      tok_word.extend([w] * len(ids))
-    tok_word = np.array(tok_word)
+    if context not in encoded:
+      encoded[context] = encode_with_offsets(enc.tok, [context])[0]
+    ctx, offsets_Tx2 = encoded[context]
+    # Whitespace word of each token (-1: a token of only whitespace).
+    word_starts = np.array([a for a, _ in spans])
+    tok_word = np.searchsorted(word_starts, offsets_Tx2[:, 0], side="right") - 1
+    tok_word[offsets_Tx2[:, 1] <= offsets_Tx2[:, 0]] = -1
     target = None
     if answers:
       text, s = answers[0]
-      hit = [w for w, (a, b) in enumerate(spans) if a < s + len(text) and b > s]
-      covered = np.nonzero((tok_word >= hit[0]) & (tok_word <= hit[-1]))[0]
-      target = (covered[0], covered[-1])
+      target = _answer_tokens(offsets_Tx2, s, s + len(text))
+      if target is None:
+        raise AnswerNotInContext(f"{r.where}: answer {text!r} holds no context token")
     size = enc.max_len - len(q) - 3
     if size < 8:
       raise ConfigError(f"config.data.max_seq_len={enc.max_len} leaves {size} context tokens "
@@ -255,13 +312,16 @@ def _qa(task, enc, records, with_labels, class_names) -> Features:
                         "config.task.max_query_len")
     windows = _windows(len(ctx), size, task.doc_stride)
     owner = _max_context(windows, len(ctx))
-    example = dict(context=context, spans=spans, answers=[a for a, _ in answers], features=[])
+    example = dict(context=context, answers=[a for a, _ in answers], features=[],
+                   token_word=[], max_context=[], offsets=[])
     off = len(q) + 2
     for w, (start, length) in enumerate(windows):
       row = enc.pad_row([enc.cls] + q + [enc.sep] + ctx[start:start + length] + [enc.sep],
                         [0] * off + [1] * (length + 1))
       token_word = np.full(enc.max_len, -1, np.int32)
       token_word[off:off + length] = tok_word[start:start + length]
+      offsets_Lx2 = np.full((enc.max_len, 2), -1, np.int32)  # -1: not a context token
+      offsets_Lx2[off:off + length] = offsets_Tx2[start:start + length]
       max_ctx = np.zeros(enc.max_len, np.bool_)
       max_ctx[off:off + length] = owner[start:start + length] == w
       s_pos = e_pos = 0  # [CLS] when the answer is not wholly inside this window
@@ -271,8 +331,9 @@ def _qa(task, enc, records, with_labels, class_names) -> Features:
                  weights=np.float32(1.0))
       example["features"].append(len(rows))
       rows.append(row)
-      example.setdefault("token_word", []).append(token_word)
-      example.setdefault("max_context", []).append(max_ctx)
+      example["token_word"].append(token_word)
+      example["max_context"].append(max_ctx)
+      example["offsets"].append(offsets_Lx2)
     examples.append(example)
   if not rows:
     raise DataError(f"no usable records ({skipped} skipped: answer not in context)")
@@ -281,26 +342,25 @@ def _qa(task, enc, records, with_labels, class_names) -> Features:
 
 def qa_answers(features: Features, start_NxL, end_NxL, *, n_best: int = 20,
                max_answer_len: int = 30) -> list[str]:
-  """The best valid span of each example over all its windows, as context text."""
+  """The best valid span of each example over all its windows, cut out of the context
+  between its first token's start and its last token's end character."""
   out = []
   for ex in features.examples:
     best, best_score = None, -np.inf
-    for f, token_word, max_ctx in zip(ex["features"], ex["token_word"], ex["max_context"]):
+    for f, offsets_Lx2, max_ctx in zip(ex["features"], ex["offsets"], ex["max_context"]):
       sl, el = start_NxL[f], end_NxL[f]
+      valid = offsets_Lx2[:, 1] > offsets_Lx2[:, 0]  # context tokens with characters
       starts = np.argsort(-sl)[:n_best]
       ends = np.argsort(-el)[:n_best]
       for s in starts:
-        if token_word[s] < 0 or not max_ctx[s]:
+        if not valid[s] or not max_ctx[s]:
           continue
         for e in ends:
-          if token_word[e] < 0 or e < s or e - s + 1 > max_answer_len:
+          if not valid[e] or e < s or e - s + 1 > max_answer_len:
             continue
           if sl[s] + el[e] > best_score:
-            best, best_score = (token_word[s], token_word[e]), sl[s] + el[e]
-    if best is None:
-      out.append("")
-    else:
-      out.append(ex["context"][ex["spans"][best[0]][0]:ex["spans"][best[1]][1]])
+            best, best_score = (offsets_Lx2[s, 0], offsets_Lx2[e, 1]), sl[s] + el[e]
+    out.append("" if best is None else ex["context"][best[0]:best[1]])
   return out
 
 

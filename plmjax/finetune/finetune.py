@@ -1,9 +1,16 @@
-"""`plmjax finetune`: a pretrained (or imported) BERT workdir -> a task model.
+"""`plmjax finetune`: a pretrained (or imported) workdir -> a task model.
 
   plmjax finetune --config configs/finetune/sst2.py --init runs/bert_base --workdir runs/sst2
+  plmjax finetune --config configs/finetune/completion.py --init runs/gpt2_small \
+      --workdir runs/completion --config.data.train=train.jsonl --config.data.eval=dev.jsonl
+  plmjax finetune --config configs/finetune/seq2seq.py --init runs/t5_small \
+      --workdir runs/seq2seq --config.data.train=train.jsonl --config.data.eval=dev.jsonl
 
 The model's shape keys and the tokenizer come from --init; the encoder weights are
-copied from its newest checkpoint and the task head starts fresh. Training is one
+copied from its newest checkpoint and the task head starts fresh (BERT tasks). A
+completion task fine-tunes a GPT with its own LM head, so its workdir stays a GPT LM
+workdir (generate, export as GPT2LMHeadModel); a seq2seq task likewise fine-tunes the whole
+T5 (export as T5ForConditionalGeneration). Training is one
 Trainer.fit, as pretraining's (sharding, checkpoints, metrics.jsonl, TensorBoard), with an
 evaluation hook over the whole validation set at each epoch end (or every
 train.eval_every_steps); DIR/eval_results.json holds the final metrics. Running the same
@@ -19,10 +26,11 @@ import numpy as np
 from plmjax import config as config_lib
 from plmjax import workdir as workdir_lib
 from plmjax.data.tokenizer import check_vocab, load_tokenizer
-from plmjax.errors import CheckpointError, ConfigError
-from plmjax.finetune import data, features, predict, tasks
-from plmjax.models import build_model
-from plmjax.train import checkpoint, distributed, sharding
+from plmjax.errors import ConfigError
+from plmjax.finetune import completion, data, features, predict, seq2seq, tasks
+from plmjax.models import build_model, t5
+from plmjax.train import distributed, sharding
+from plmjax.train import state as state_lib
 from plmjax.train.flops import flops_per_token
 from plmjax.train.hooks import StopSignals
 from plmjax.train.step import model_inputs
@@ -84,9 +92,13 @@ def prepare_config(config, init: str, overrides=()):
     raise ConfigError("the config has no config.task.type; start fine-tuning configs from "
                       "plmjax.finetune.tasks.finetune_config (see configs/finetune/)")
   init_model = workdir_lib.read_config(init).model
-  if init_model.get("arch") != "bert":
-    raise ConfigError(f"--init {init} holds a {init_model.get('arch')!r} model; fine-tuning "
-                      "heads exist for BERT")
+  tasks.check_task_type(config.task)
+  want = tasks.ARCHS[config.task.type]
+  if init_model.get("arch") != want:
+    raise ConfigError(f"--init {init} holds a {init_model.get('arch')!r} model; a "
+                      f"{config.task.type} task fine-tunes a {want!r} model"
+                      + (" (GPT: configs/finetune/completion.py, T5: configs/finetune/"
+                         "seq2seq.py)" if want == "bert" else ""))
   for key, value in init_model.items():
     if key not in OWN_MODEL_KEYS and key in config.model:
       config.model[key] = value
@@ -100,60 +112,38 @@ def prepare_config(config, init: str, overrides=()):
 
 def pretrained_params(init: str, model_cfg, seed: int = 0):
   """init_params for the Trainer: --init's weights where paths match, fresh ones elsewhere."""
-
-  def init_params(abstract):
-    pretrained, step = checkpoint.load_params(init)
-    flat = {_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(pretrained)[0]}
-    rng = np.random.default_rng(seed)
-    fresh, used = [], set()
-
-    def pick(path, leaf):
-      name = _name(path)
-      if name in flat:
-        value = flat[name]
-        if tuple(value.shape) != tuple(leaf.shape):
-          raise CheckpointError(f"{init}: parameter {name} has shape {tuple(value.shape)} but "
-                                f"the model needs {tuple(leaf.shape)}; do not override "
-                                "config.model shape keys when fine-tuning")
-        used.add(name)
-        return np.asarray(value, leaf.dtype)
-      fresh.append(name)
-      leaf_name = name.rsplit("/", 1)[-1]
-      if leaf_name == "bias":
-        return np.zeros(leaf.shape, leaf.dtype)
-      if leaf_name == "scale":
-        return np.ones(leaf.shape, leaf.dtype)
-      return (rng.standard_normal(leaf.shape) * model_cfg.initializer_range).astype(leaf.dtype)
-
-    params = jax.tree_util.tree_map_with_path(pick, abstract)
-    if not used:
-      raise CheckpointError(f"the checkpoint in {init} shares no parameter with the "
-                            "fine-tuning model (expected names under bert/)")
-    unused = sorted(set(flat) - used)
-    if jax.process_index() == 0:
-      print(f"plmjax: {len(used)} tensors from {init} (step {step}); newly initialised: "
-            f"{', '.join(fresh) or 'none'}; not used: {_summary(unused)}", flush=True)
-    return params
-
-  return init_params
-
-
-def _name(path) -> str:
-  return "/".join(str(getattr(p, "key", p)) for p in path)
-
-
-def _summary(names, limit: int = 4) -> str:
-  if not names:
-    return "none"
-  return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+  hint = "; do not override config.model shape keys when fine-tuning"
+  return lambda abstract: state_lib.params_from_workdir(
+      init, abstract, model_cfg.initializer_range, seed, hint=hint)[0]
 
 
 def load_split(config, tokenizer, key: str) -> features.Features:
   spec = config.data[key]
   records = data.read_records(spec, tfds_data_dir=config.data.tfds_data_dir,
                               key=f"config.data.{key}")
+  is_main = jax.process_index() == 0
+  if config.task.type == "seq2seq":
+    if config.data.packing:
+      raise ConfigError("config.data.packing=True is not supported for seq2seq fine-tuning; "
+                        "set it to False (one record per row)")
+    feats = seq2seq.featurize(config.task, tokenizer, records, config.data.max_seq_len,
+                              config.data.max_target_len)
+    if feats.truncated and is_main:
+      print(f"plmjax: cut {feats.truncated} of {len(records)} records of {spec} to "
+            f"data.max_seq_len={config.data.max_seq_len} source / data.max_target_len="
+            f"{config.data.max_target_len} target tokens (their ends)", flush=True)
+    return feats
+  if config.task.type == "completion":
+    feats = completion.featurize(config.task, tokenizer, records, config.data.max_seq_len)
+    if feats.truncated and is_main:
+      print(f"plmjax: cut {feats.truncated} of {len(records)} records of {spec} to "
+            f"data.max_seq_len={config.data.max_seq_len} tokens (prompt start first)",
+            flush=True)
+    if key == "train" and config.data.packing:
+      feats.arrays = completion.pack(feats.arrays)
+    return feats
   feats = features.featurize(config.task, tokenizer, records, config.data.max_seq_len)
-  if feats.skipped and jax.process_index() == 0:
+  if feats.skipped and is_main:
     print(f"plmjax: skipped {feats.skipped} of {len(records)} records of {spec} whose answer "
           "is not in the context", flush=True)
   return feats
@@ -218,21 +208,32 @@ def run(config, init: str, workdir: str, overrides=(), *, signals=None, hooks=()
   points = set(schedule(config, len(train.arrays["input_ids"])))
   config_lib.validate(config)  # train.steps and warmup as the schedule set them
   t, seq_len = config.train, config.data.max_seq_len
+  if config.task.type == "seq2seq":  # rows hold the encoder's and the decoder's tokens
+    target_len = config.data.max_target_len
+    model = seq2seq.Seq2SeqLM(model_cfg)
+    flops = t5.training_flops(model_cfg, seq_len, target_len) / (seq_len + target_len)
+    seq_len += target_len
+  else:
+    model, flops = build_model(model_cfg, config.task.head), flops_per_token(model_cfg, seq_len, 0)
   batches = data.BatchIterator(train.arrays, t.batch_size, seed=t.seed,
                                process_index=jax.process_index(),
                                process_count=jax.process_count())
   start = batches.get_state()
   example = next(batches)
   batches.set_state(start)
-  trainer = Trainer(config, workdir, build_model(model_cfg, config.task.head),
-                    tasks.OBJECTIVES[config.task.type], example,
-                    flops_per_token=flops_per_token(model_cfg, seq_len, 0),
-                    tokens_per_example=seq_len,
+  trainer = Trainer(config, workdir, model, tasks.OBJECTIVES[config.task.type], example,
+                    flops_per_token=flops, tokens_per_example=seq_len,
                     init_params=pretrained_params(init, model_cfg, t.seed))
   if is_main:  # everything checked: now the workdir is written
     workdir_lib.write_config(workdir, config)
     tokenizer.save(workdir_lib.tokenizer_dir(workdir))
-  evaluate = make_evaluate(trainer, config.task, evaluation) if evaluation else None
+  evaluate = None
+  if evaluation and config.task.type == "completion":
+    evaluate = completion.make_evaluate(trainer, config.task, evaluation, tokenizer)
+  elif evaluation and config.task.type == "seq2seq":
+    evaluate = seq2seq.make_evaluate(trainer, config.task, evaluation, tokenizer)
+  elif evaluation:
+    evaluate = make_evaluate(trainer, config.task, evaluation)
   result = trainer.fit(batches, evaluate=evaluate, eval_due=points.__contains__,
                        signals=signals, hooks=hooks, desc="finetune")
   if is_main and result.step == t.steps:

@@ -2,13 +2,16 @@
 
   plmjax predict --workdir runs/sst2 --input reviews.jsonl [--output preds.jsonl]
 
-The input has the fields the task was trained with (config.task.text_field, and
-text_b_field for pairs; labels are not needed). One JSON line per input record:
+The input has the fields the task was trained with (plmjax.finetune.data.task_fields;
+labels are not needed). One JSON line per input record:
 
   classification  {"label": "positive", "score": 0.97, "scores": {"negative": 0.03, ...}}
   regression      {"score": 3.8}
   tagging         {"tokens": ["John", "lives", ...], "tags": ["B-PER", "O", ...]}
   qa              {"answer": "Denver Broncos"}
+  completion      {"completion": "..."}   (greedy, or --num-beams; at most
+                                         task.max_new_tokens or --max-new-tokens)
+  seq2seq         {"target": "..."}       (the same; sources cut to data.max_seq_len)
 """
 
 import json
@@ -20,7 +23,7 @@ import numpy as np
 from plmjax import workdir as workdir_lib
 from plmjax.data.tokenizer import load_tokenizer
 from plmjax.errors import ConfigError
-from plmjax.finetune import data, features, tasks
+from plmjax.finetune import completion, data, features, seq2seq, tasks
 from plmjax.models import build_model
 from plmjax.models.config import ModelConfig
 from plmjax.train import checkpoint
@@ -33,6 +36,11 @@ def add_arguments(parser):
   parser.add_argument("--output", default="-", help="output .jsonl (default: stdout)")
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  parser.add_argument("--max-new-tokens", type=int, default=0,
+                      help="completion/seq2seq: tokens per record (default: "
+                           "config.task.max_new_tokens)")
+  parser.add_argument("--num-beams", type=int, default=1,
+                      help="completion/seq2seq: 1 is greedy")
 
 
 def make_forward(model, keys):
@@ -81,7 +89,8 @@ def predictions(task, feats: features.Features, outputs: dict) -> list[dict]:
   return [dict(answer=a) for a in answers]
 
 
-def predict(workdir: str, input_spec: str, *, batch_size: int = 32, step=None) -> list[dict]:
+def predict(workdir: str, input_spec: str, *, batch_size: int = 32, step=None,
+            max_new_tokens: int = 0, num_beams: int = 1) -> list[dict]:
   config = workdir_lib.read_config(workdir)
   if "task" not in config or "type" not in config.task:
     raise ConfigError(f"{workdir} is not a `plmjax finetune` workdir (its config.json has no "
@@ -90,9 +99,22 @@ def predict(workdir: str, input_spec: str, *, batch_size: int = 32, step=None) -
   tokenizer = load_tokenizer(workdir_lib.tokenizer_dir(workdir))
   params, _ = checkpoint.load_params(workdir, step)
   records = data.read_records(input_spec, key="--input")
+  model = build_model(ModelConfig.from_config(config.model), task.head)
+  if task.type == "completion":
+    fields = data.task_fields(task, records)
+    prompts = [completion.prompt_ids(
+        tokenizer, completion.field_text(r, fields.text_field, "config.task.text_field"))
+               for r in records]
+    texts = completion.complete(model, params, tokenizer, prompts,
+                                max_new_tokens or task.max_new_tokens, batch_size=batch_size,
+                                num_beams=num_beams)
+    return [dict(completion=t) for t in texts]
+  if task.type == "seq2seq":
+    return seq2seq.predict(model, params, tokenizer, task, records, config.data.max_seq_len,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           num_beams=num_beams)
   feats = features.featurize(task, tokenizer, records, config.data.max_seq_len,
                              with_labels=False)
-  model = build_model(ModelConfig.from_config(config.model), task.head)
   outputs = run_model(model, params, feats.arrays, tasks.OUTPUTS[task.type], batch_size)
   return predictions(task, feats, outputs)
 
@@ -100,7 +122,8 @@ def predict(workdir: str, input_spec: str, *, batch_size: int = 32, step=None) -
 def main(args, overrides):
   if overrides:
     raise ConfigError(f"predict takes no --config overrides (got {overrides[0]})")
-  rows = predict(args.workdir, args.input, batch_size=args.batch_size, step=args.step)
+  rows = predict(args.workdir, args.input, batch_size=args.batch_size, step=args.step,
+                 max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
   out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
   try:
     out.writelines(json.dumps(r) + "\n" for r in rows)

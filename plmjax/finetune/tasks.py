@@ -7,6 +7,10 @@
   tagging         token_classification      cross-entropy, first         precision, recall,
                                             sub-token of each word       f1 (entities), accuracy
   qa              question_answering        start + end cross-entropy/2  exact_match, f1
+  completion      lm (GPT)                  cross-entropy on the         loss, perplexity,
+                                            completion and <|endoftext|> exact_match, rougeL
+  seq2seq         seq2seq (T5)              cross-entropy on the         loss, perplexity,
+                                            target tokens and </s>       exact_match, rougeL
 
 The objective's sums drive training and are logged under compute_metrics' names
 (loss, accuracy; qa: start_accuracy, end_accuracy); the task metrics need every
@@ -17,15 +21,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from plmjax.errors import ConfigError
+from plmjax.finetune import completion
 from plmjax.finetune import features as features_lib
 from plmjax.finetune import metrics
+from plmjax.finetune import seq2seq
 from plmjax.train.objectives import Objective, xent_sums
 
 HEADS = {"classification": "sequence_classification", "regression": "sequence_classification",
-         "tagging": "token_classification", "qa": "question_answering"}
+         "tagging": "token_classification", "qa": "question_answering", "completion": "lm",
+         "seq2seq": "seq2seq"}
+# The model a task type fine-tunes (config.model.arch of --init).
+ARCHS = {t: {"completion": "gpt", "seq2seq": "t5"}.get(t, "bert") for t in HEADS}
+# Task types whose evaluation and predict generate text (task.max_new_tokens).
+GENERATIVE = ("completion", "seq2seq")
 # Model outputs the evaluation reads.
 OUTPUTS = {"classification": ("logits",), "regression": ("logits",), "tagging": ("logits",),
-           "qa": ("start_logits", "end_logits")}
+           "qa": ("start_logits", "end_logits"), "completion": ("logits",),
+           "seq2seq": ("logits",)}
 OPTIONAL_METRICS = ("f1", "matthews_corr")  # classification extras, chosen by task.metrics
 
 
@@ -40,8 +52,9 @@ def check_task(task):
   if task.type in ("classification", "tagging") and len(task.labels) < 2:
     raise ConfigError(f"config.task.labels={tuple(task.labels)!r}: a {task.type} task needs "
                       "at least two label names")
-  if task.type == "qa" and not task.text_b_field:
-    raise ConfigError("config.task.text_b_field is empty; a qa task reads the context there")
+  if task.type in GENERATIVE and task.max_new_tokens < 1:
+    raise ConfigError(f"config.task.max_new_tokens={task.max_new_tokens} must be at least 1 "
+                      "(tokens generated per prompt in evaluation and predict)")
   for name in task.metrics:
     if name not in ("accuracy",) + OPTIONAL_METRICS:
       raise ConfigError(f"config.task.metrics has {name!r}; classification extras are "
@@ -117,6 +130,8 @@ OBJECTIVES = {
     "qa": Objective(_qa_sums, _count, _mean_loss,
                     _finalize(start_accuracy="start_correct_sum",
                               end_accuracy="end_correct_sum")),
+    "completion": completion.OBJECTIVE,
+    "seq2seq": seq2seq.OBJECTIVE,
 }
 
 
@@ -162,34 +177,47 @@ def compute_metrics(task, feats: features_lib.Features, outputs: dict) -> dict:
 # ---- config ------------------------------------------------------------------------------
 
 def finetune_config(**task):
-  """base_config('bert') with a `task` section and fine-tuning defaults.
+  """base_config('bert') (completion: 'gpt', seq2seq: 't5') with a `task` section and
+  fine-tuning defaults.
 
-  Keys added to the base: task.type/labels/fields/QA settings/metrics, train.epochs
-  (0: run train.steps instead) and train.warmup_ratio (0: use train.warmup_steps).
+  Keys added to the base: task.type/labels/fields/QA and generation settings/metrics,
+  train.epochs (0: run train.steps instead) and train.warmup_ratio (0: use
+  train.warmup_steps). Field names follow plmjax.finetune.data.task_fields.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
 
   from plmjax.config import base_config  # pylint: disable=g-import-not-at-top
 
-  c = base_config("bert")
+  kind = task.get("type", "classification")
+  c = base_config(ARCHS.get(kind, "bert"))
   c.model.update(dropout_rate=0.1, attention_dropout_rate=0.1)
   values = dict(
       type="classification",
-      labels=("0", "1"),  # label names; an integer label is an index into them
-      text_field="text",  # tagging: the words; qa: the question
-      text_b_field="",  # second segment of pairs; qa: the context
-      label_field="label",  # tagging: one tag per word; qa: the answers
+      # Label names (an integer label is an index into them).
+      labels=("0", "1") if kind in ("classification", "tagging") else (),
+      text_field="",  # record field names; "" = the source's own (data.task_fields): local
+      text_b_field="",  # files text/text_b/label (tagging tokens/tags, qa question/context/
+      label_field="",  # answers, completion prompt/completion, seq2seq source/target),
+      # tfds: task.tfds_fields
+      pairs=False,  # classification/regression: a second text per record (text_b)
+      tfds_fields=dict(text="", text_b="", label=""),  # names in the tfds dataset ("": local)
       metrics=("accuracy",),  # classification extras: f1, matthews_corr
       doc_stride=128,  # qa: tokens between the starts of neighbouring windows
       max_query_len=64,  # qa: question tokens kept
       max_answer_len=30,  # qa: longest answer span, in tokens
       n_best=20,  # qa: start/end candidates per window
+      max_new_tokens=64,  # completion/seq2seq: tokens generated per record (eval, predict)
   )
-  values.update(task)
+  values.update(task, tfds_fields=dict(values["tfds_fields"], **task.get("tfds_fields", {})))
   values["head"] = HEADS.get(values["type"], "sequence_classification")
   c.task = ml_collections.ConfigDict(values)
   c.train.epochs = 3
   c.train.warmup_ratio = 0.1
   c.train.update(batch_size=32, learning_rate=2e-5, weight_decay=0.01, log_every_steps=50)
+  if kind == "completion":
+    c.train.learning_rate = 5e-5
+  if kind == "seq2seq":  # AdamW at a usual T5 fine-tuning rate; targets up to 64 tokens
+    c.train.learning_rate = 3e-4
+    c.data.max_target_len = 64
   c.checkpoint.update(every_steps=1000, keep=1)
   return c

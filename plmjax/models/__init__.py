@@ -1,9 +1,9 @@
-"""Models: BERT and GPT-2 in flax.linen, and `build_model` to pick one by head."""
+"""Models: BERT, GPT-2 and T5 in flax.linen, and `build_model` to pick one by head."""
 
 import flax.linen as nn
 
 from plmjax.errors import ConfigError
-from plmjax.models import bert, gpt
+from plmjax.models import bert, gpt, t5
 from plmjax.models.config import ModelConfig
 
 # arch -> head name -> model class (each takes the ModelConfig as its only argument).
@@ -17,6 +17,9 @@ HEADS = {
     },
     "gpt": {
         "lm": gpt.GPT,
+    },
+    "t5": {
+        "seq2seq": t5.T5ForConditionalGeneration,
     },
 }
 

@@ -56,6 +56,8 @@ def resolve_impl(cfg: ModelConfig, platform: str, packed: bool) -> tuple[str, st
   """(implementation, one-line reason) for cfg.attention_impl on `platform`;
   packed: rows carry segment ids (data.packing)."""
   want, rate = cfg.attention_impl, cfg.attention_dropout_rate
+  if cfg.arch == "t5":
+    return "xla", "T5's relative position bias: xla (splash and cuDNN take no bias)"
   if want == "xla":
     return "xla", "config.model.attention_impl=xla"
   if want == "splash":

@@ -13,7 +13,7 @@ from plmjax.models import attention
 from plmjax.models.config import ModelConfig
 from plmjax.models.dropout import Dropout
 from plmjax.models.transformer import (ACT_EMBED, BertLayer, dense, embed, layer_norm,
-                                       maybe_remat, tied_logits)
+                                       layer_stack, tied_logits)
 
 
 def gather_positions(x_BxLxD: jax.Array, positions_BxP: jax.Array) -> jax.Array:
@@ -37,14 +37,13 @@ class BertEmbeddings(nn.Module):
 
 
 class BertEncoder(nn.Module):
+  """layer_0 .. layer_{N-1}, or with model.scan_layers one scanned `layer` (stacked params)."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxLxD, mask, deterministic: bool):
-    layer_cls = maybe_remat(BertLayer, self.cfg, static_argnums=(3,))
-    for i in range(self.cfg.num_layers):
-      x_BxLxD = layer_cls(self.cfg, name=f"layer_{i}")(x_BxLxD, mask, deterministic)
-    return x_BxLxD
+    return layer_stack(self.cfg, BertLayer, "layer", x_BxLxD, mask, deterministic,
+                       remat_argnums=(3,))
 
 
 class BertPooler(nn.Module):

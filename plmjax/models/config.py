@@ -11,16 +11,17 @@ import jax.numpy as jnp
 
 from plmjax.errors import ConfigError
 
-ARCHITECTURES = ("bert", "gpt")
+ARCHITECTURES = ("bert", "gpt", "t5")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "splash", "xla", "cudnn")
 FUSED_ATTENTION = ("splash", "cudnn")  # kernels without attention dropout
 REMAT_POLICIES = ("none", "full", "dots")
+FEED_FORWARD_PROJ = ("relu", "gated-gelu")  # T5 1.0, T5 1.1
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  arch: str = "bert"  # "bert" (post-LN encoder) or "gpt" (pre-LN decoder)
+  arch: str = "bert"  # "bert" (post-LN encoder), "gpt" (pre-LN decoder) or "t5" (encoder-decoder)
   vocab_size: int = 30522
   hidden_size: int = 768
   num_layers: int = 12
@@ -38,7 +39,18 @@ class ModelConfig:
   # (plmjax.models.attention.resolve_impl); or one of them by name.
   attention_impl: str = "auto"
   remat: str = "none"  # per-layer rematerialisation policy
+  # The layer stack as one layer under nn.scan: parameters stacked on a leading "layers"
+  # axis (layer / h instead of layer_0.. / h_0..); compile time no longer grows with depth.
+  scan_layers: bool = False
   num_labels: int = 2  # fine-tuning heads (classification, tagging)
+  # T5 only (plmjax/models/t5.py). num_layers is the encoder's depth; initializer_range is
+  # T5's initializer_factor (1.0: Hugging Face's T5 init); layer_norm_eps its RMS norm's eps.
+  num_decoder_layers: int = 0  # 0: as num_layers
+  attention_head_dim: int = 0  # T5's d_kv; 0: hidden_size // num_heads
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  feed_forward_proj: str = "relu"  # relu (T5 1.0) | gated-gelu (T5 1.1)
+  tie_word_embeddings: bool = True  # tied output embedding, scaled by hidden_size ** -0.5
 
   @property
   def head_dim(self) -> int:
@@ -65,13 +77,18 @@ class ModelConfig:
       bad("attention_impl", self.attention_impl, "auto, splash, xla or cudnn")
     if self.remat not in REMAT_POLICIES:
       bad("remat", self.remat, " or ".join(REMAT_POLICIES))
+    if not isinstance(self.scan_layers, bool):
+      bad("scan_layers", self.scan_layers, "true or false")
+    if self.scan_layers and self.arch not in ("bert", "gpt"):
+      raise ConfigError(f"config.model.scan_layers=true is for arch bert and gpt, not "
+                        f"{self.arch!r}; remove it")
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads",
                 "intermediate_size", "max_position_embeddings", "type_vocab_size",
                 "num_labels"):
       value = getattr(self, key)
       if not isinstance(value, int) or value <= 0:
         bad(key, value, "a positive integer")
-    if self.hidden_size % self.num_heads:
+    if self.hidden_size % self.num_heads and not self.attention_head_dim:
       raise ConfigError(
           f"config.model.hidden_size={self.hidden_size} is not divisible by "
           f"config.model.num_heads={self.num_heads}; choose num_heads that divides it "
@@ -85,6 +102,32 @@ class ModelConfig:
           f"config.model.attention_dropout_rate={self.attention_dropout_rate}; set "
           "--config.model.attention_dropout_rate=0, or attention_impl=auto (which then "
           "picks xla)")
+
+    if self.arch == "t5" or any(getattr(self, k) != v for k, v in _T5_DEFAULTS.items()):
+      self._check_t5(bad)
+
+  def _check_t5(self, bad):
+    if self.arch != "t5":
+      changed = sorted(k for k, v in _T5_DEFAULTS.items() if getattr(self, k) != v)
+      raise ConfigError(f"config.model.{changed[0]} applies to arch t5 only; remove it or set "
+                        "config.model.arch=t5")
+    if self.feed_forward_proj not in FEED_FORWARD_PROJ:
+      bad("feed_forward_proj", self.feed_forward_proj, " or ".join(FEED_FORWARD_PROJ))
+    for key in ("num_decoder_layers", "attention_head_dim"):
+      value = getattr(self, key)
+      if not isinstance(value, int) or value < 0:
+        bad(key, value, "a positive integer, or 0 for the default")
+    for key in ("relative_attention_num_buckets", "relative_attention_max_distance"):
+      value = getattr(self, key)
+      if not isinstance(value, int) or value < 2:
+        bad(key, value, "an integer of at least 2")
+    if self.scan_layers:
+      raise ConfigError("config.model.scan_layers=true is not supported for arch t5 (its first "
+                        "block differs: it owns the position bias); set scan_layers=false")
+    if self.attention_impl in FUSED_ATTENTION:
+      raise ConfigError(
+          f"config.model.attention_impl={self.attention_impl!r} cannot add T5's relative "
+          "position bias; use attention_impl=xla or auto (which picks xla for T5)")
 
   @classmethod
   def from_config(cls, model_cfg) -> "ModelConfig":
@@ -104,3 +147,9 @@ class ModelConfig:
 
 def _divisors(n: int) -> list[int]:
   return [d for d in range(1, min(n, 64) + 1) if n % d == 0][-6:]
+
+
+# The T5-only fields at their defaults (a BERT or GPT config must leave them there).
+_T5_DEFAULTS = dict(num_decoder_layers=0, attention_head_dim=0, relative_attention_num_buckets=32,
+                    relative_attention_max_distance=128, feed_forward_proj="relu",
+                    tie_word_embeddings=True)

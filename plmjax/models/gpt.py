@@ -21,7 +21,7 @@ import flax.linen as nn
 from plmjax.models import attention
 from plmjax.models.config import ModelConfig
 from plmjax.models.dropout import Dropout
-from plmjax.models.transformer import (ACT_EMBED, GPT2Block, embed, layer_norm, maybe_remat,
+from plmjax.models.transformer import (ACT_EMBED, GPT2Block, embed, layer_norm, layer_stack,
                                        tied_logits)
 
 
@@ -51,9 +51,8 @@ class GPT2Model(nn.Module):
     x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ACT_EMBED)
     # Recomputation buys nothing when decoding (no backward pass).
-    block_cls = GPT2Block if decode else maybe_remat(GPT2Block, cfg, static_argnums=(3, 4))
-    for i in range(cfg.num_layers):
-      x = block_cls(cfg, name=f"h_{i}")(x, mask, deterministic, decode)
+    x = layer_stack(cfg, GPT2Block, "h", x, mask, deterministic, decode,
+                    remat_argnums=None if decode else (3, 4))
     return layer_norm(cfg, "ln_f")(x)
 
   def _decode_mask(self, attention_mask, batch: int, length: int):

@@ -7,12 +7,17 @@ float32, and logical axis names on every parameter for sharding
 (plmjax/config.py DEFAULT_AXIS_RULES maps them to the mesh).
 
 Module and parameter names mirror Hugging Face's (BertLayer, GPT2Block) so that
-checkpoint conversion is a rename.
+checkpoint conversion is a rename. With model.scan_layers the layer stack runs under
+nn.scan (`layer_stack`), its parameters stacked on a leading "layers" axis;
+`unstack_layers` / `stack_layers` convert between that tree and the per-layer one.
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
 from plmjax.models import attention
 from plmjax.models.config import ModelConfig
@@ -92,12 +97,101 @@ def tied_logits(x_BxLxD: jax.Array, table_VxD: jax.Array, cfg: ModelConfig) -> j
 def maybe_remat(layer_cls, cfg: ModelConfig, static_argnums: tuple[int, ...]):
   """Wraps a layer class in nn.remat per cfg.remat ("none", "full", "dots").
 
-  static_argnums count `self` as 0 (flax's lifted-transform convention).
+  static_argnums count `self` as 0 (flax's lifted-transform convention). Under scan the
+  loop already keeps XLA from merging the recomputation away, so prevent_cse is off.
   """
   if cfg.remat == "none":
     return layer_cls
   policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-  return nn.remat(layer_cls, policy=policy, static_argnums=static_argnums)
+  return nn.remat(layer_cls, policy=policy, static_argnums=static_argnums,
+                  prevent_cse=not cfg.scan_layers)
+
+
+def layer_stack(cfg: ModelConfig, layer_cls, name: str, x, *args, remat_argnums=None):
+  """Runs x through cfg.num_layers layers `layer_cls(cfg)(x, *args)` (remat per cfg.remat
+  when remat_argnums, the static ones, are given).
+
+  Unscanned: modules {name}_0 .. {name}_{N-1}. With cfg.scan_layers: one module `name`
+  under nn.scan, its parameters (and KV cache) stacked on a leading "layers" axis; each
+  layer draws its own dropout rng from the split stream. Call inside a compact method.
+  """
+  if remat_argnums is not None:
+    layer_cls = maybe_remat(layer_cls, cfg, remat_argnums)
+  if not cfg.scan_layers:
+    for i in range(cfg.num_layers):
+      x = layer_cls(cfg, name=f"{name}_{i}")(x, *args)
+    return x
+  scan = nn.scan(lambda layer, carry, *rest: (layer(carry, *rest), None),
+                 variable_axes={"params": 0, "cache": 0},
+                 split_rngs={"params": True, "dropout": True},
+                 in_axes=(nn.broadcast,) * len(args), length=cfg.num_layers,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+  x, _ = scan(layer_cls(cfg, name=name), x, *args)
+  return x
+
+
+# Stacked (scanned) modules and their per-layer names: `layer` [N, ...] <-> layer_0..layer_{N-1}.
+STACKS = ("layer", "h")
+_PER_LAYER = re.compile(r"(" + "|".join(STACKS) + r")_(\d+)")
+
+
+def _is_node(value) -> bool:
+  return hasattr(value, "items")
+
+
+def _layer_slice(leaf, i: int):
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+  return leaf[i]
+
+
+def unstack_layers(tree) -> dict:
+  """Splits each stacked `layer`/`h` subtree (leading axis N) into per-layer subtrees
+  layer_0..layer_{N-1} / h_0..h_{N-1}: the unscanned model's tree. Per-layer trees come back
+  as they are. Leaves: unboxed arrays or jax.ShapeDtypeStructs."""
+  out = {}
+  for key, value in tree.items():
+    if not _is_node(value):
+      out[key] = value
+    elif key in STACKS:
+      n = jax.tree.leaves(value)[0].shape[0]
+      for i in range(n):
+        out[f"{key}_{i}"] = jax.tree.map(lambda leaf, i=i: _layer_slice(leaf, i), dict(value))
+    else:
+      out[key] = unstack_layers(value)
+  return out
+
+
+def stack_layers(tree) -> dict:
+  """The inverse of unstack_layers: layer_0..layer_{N-1} -> `layer` with a leading axis N
+  (numpy arrays). Stacked trees come back as they are; a set of per-layer subtrees that does
+  not run 0..N-1 or whose trees differ stays per layer."""
+  groups, out = {}, {}
+  for key, value in tree.items():
+    m = _PER_LAYER.fullmatch(key)
+    if m and _is_node(value):
+      groups.setdefault(m.group(1), {})[int(m.group(2))] = value
+    else:
+      out[key] = stack_layers(value) if _is_node(value) else value
+  for name, layers in groups.items():
+    subtrees = [dict(layers[i]) for i in sorted(layers)]
+    if (sorted(layers) == list(range(len(layers)))
+        and len({jax.tree.structure(t) for t in subtrees}) == 1):
+      out[name] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *subtrees)
+    else:
+      out.update({f"{name}_{i}": stack_layers(layers[i]) for i in sorted(layers)})
+  return out
+
+
+def is_stacked(tree) -> bool:
+  """Whether the tree holds a scanned layer stack anywhere."""
+  return any(_is_node(v) and (k in STACKS or is_stacked(v)) for k, v in tree.items())
+
+
+def match_layer_layout(tree, like) -> dict:
+  """`tree` stacked or per layer as `like` is (e.g. a checkpoint for a model whose
+  model.scan_layers differs from the run that wrote it)."""
+  return stack_layers(tree) if is_stacked(like) else unstack_layers(tree)
 
 
 def split_heads(x_BxLxD: jax.Array, cfg: ModelConfig) -> jax.Array:

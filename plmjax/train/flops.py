@@ -11,6 +11,14 @@ the PaLM appendix (forward 2 FLOPs per multiply-add, backward twice the forward)
           GPT   6 * D*V                 (LM head at every position)
 
 Embedding look-ups are not counted. MFU = achieved model FLOP/s / peak FLOP/s.
+
+T5 (encoder-decoder): a token is an input or a target token, so a row of S inputs and T
+targets is S + T tokens, and flops_per_token = plmjax.models.t5.training_flops(cfg, S, T)
+/ (S + T): 6 x the weight multiply-adds each token touches (encoder: q, k, v, o and the
+feed-forward; decoder: self- and cross-attention projections, feed-forward and the output
+projection; cross-attention k, v over the S encoder states) + 6 * 2 * (S*S per encoder
+layer + T*(T + S) per decoder layer) * H*d_kv for the attention matmuls. Packed rows count
+their full length, as GPT's packed rows do.
 """
 
 import functools
@@ -18,6 +26,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+
+from plmjax.models import t5
 
 # Dense peak FLOP/s per device for the compute dtypes (vendor figures, no sparsity).
 PEAK_FLOPS = {
@@ -35,8 +45,12 @@ PEAK_FLOPS = {
 }
 
 
-def flops_per_token(model_cfg, seq_len: int, masked_per_seq: int | None = None) -> float:
-  """Training FLOPs per token (see the module docstring for the formula)."""
+def flops_per_token(model_cfg, seq_len: int, masked_per_seq: int | None = None,
+                    target_len: int = 0) -> float:
+  """Training FLOPs per token (see the module docstring for the formula); T5 needs
+  target_len (data.max_target_len)."""
+  if model_cfg.arch == "t5":
+    return t5.training_flops(model_cfg, seq_len, target_len) / (seq_len + target_len)
   d, i, v, n = (model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.vocab_size,
                 model_cfg.num_layers)
   per_layer = 6 * (4 * d * d + 2 * d * i) + 6 * 2 * d * seq_len
@@ -46,6 +60,17 @@ def flops_per_token(model_cfg, seq_len: int, masked_per_seq: int | None = None) 
   else:
     head = 6 * d * v
   return n * per_layer + head
+
+
+def pretrain_flops(config, model_cfg) -> tuple[int, float]:
+  """(tokens per example, training FLOPs per token) of a pretraining row of `config`:
+  BERT/GPT max_seq_len tokens; T5 max_seq_len inputs + max_target_len targets."""
+  d = config.data
+  if model_cfg.arch == "t5":
+    return d.max_seq_len + d.max_target_len, flops_per_token(
+        model_cfg, d.max_seq_len, target_len=d.max_target_len)
+  masked = d.max_predictions_per_seq if model_cfg.arch == "bert" else None
+  return d.max_seq_len, flops_per_token(model_cfg, d.max_seq_len, masked)
 
 
 def peak_flops_per_device(dtype: str, override: float = 0.0) -> tuple[float, str]:

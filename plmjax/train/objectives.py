@@ -107,4 +107,6 @@ def gpt_finalize(sums: dict) -> dict:
 PRETRAINING = {
     "bert": Objective(bert_sums, bert_totals, bert_loss, bert_finalize),
     "gpt": Objective(gpt_sums, gpt_totals, gpt_loss, gpt_finalize),
+    # T5 span corruption: the same next-token loss, on the decoder's targets.
+    "t5": Objective(gpt_sums, gpt_totals, gpt_loss, gpt_finalize),
 }

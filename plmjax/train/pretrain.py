@@ -1,10 +1,15 @@
 """`plmjax pretrain`: config -> tokenizer -> data -> model -> Trainer.fit.
 
   plmjax pretrain --config configs/bert_tiny.py --workdir runs/bert_tiny [--config.a.b=V ...]
+  plmjax pretrain --config configs/bert_base.py --workdir runs/p2 --init runs/p1  # continue
 
-Starting again with the same workdir resumes from its newest checkpoint. Every check
-that can fail (config, mesh, workdir, tokenizer, data) runs before the workdir is
-written; a tokenizer trained for a new workdir is removed again if a later check fails.
+Starting again with the same workdir resumes from its newest checkpoint. With --init DIR
+a new run starts from the weights of DIR (pretrain or import-hf output) and its tokenizer,
+with a fresh optimizer, schedule and data position; DIR is recorded in WORKDIR/init.json,
+and once the run has a checkpoint of its own it resumes from that, not from DIR. Every
+check that can fail (config, mesh, workdir, --init, tokenizer, data) runs before the
+workdir is written; a tokenizer trained for a new workdir is removed again if a later
+check fails.
 """
 
 import contextlib
@@ -18,10 +23,11 @@ from plmjax import config as config_lib
 from plmjax import workdir as workdir_lib
 from plmjax.data import pipeline, sources
 from plmjax.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
-from plmjax.errors import DataError, UserError
+from plmjax.errors import ConfigError, DataError, UserError
 from plmjax.models import build_model
 from plmjax.train import distributed, sharding
-from plmjax.train.flops import flops_per_token
+from plmjax.train import state as state_lib
+from plmjax.train.flops import pretrain_flops
 from plmjax.train.hooks import StopSignals
 from plmjax.train.objectives import PRETRAINING
 from plmjax.train.trainer import Trainer
@@ -31,6 +37,10 @@ def add_arguments(parser):
   parser.add_argument("--config", required=True, help="config file, e.g. configs/bert_tiny.py")
   parser.add_argument("--workdir", required=True,
                       help="checkpoints, tokenizer, metrics.jsonl, TensorBoard events")
+  parser.add_argument("--init", metavar="DIR", default=None,
+                      help="start from the weights and tokenizer of another workdir (pretrain "
+                           "or import-hf output), with a fresh optimizer, schedule and data "
+                           "position; a workdir with checkpoints of its own resumes from them")
   parser.add_argument("--print-config", action="store_true",
                       help="print the full resolved config as JSON and exit")
   parser.epilog = "Override any config key with --config.KEY=VALUE, e.g. --config.train.steps=100"
@@ -44,7 +54,7 @@ def main(args, overrides, hooks=()):
     return 0
   distributed.initialize_from_env()
   with StopSignals() as signals:  # after jax.distributed: its own SIGTERM notifier yields
-    result = run(config, args.workdir, signals=signals, hooks=hooks)
+    result = run(config, args.workdir, init=args.init, signals=signals, hooks=hooks)
   if result.stop_signal:
     return 128 + result.stop_signal
   if jax.process_index() == 0 and not result.stopped_by:
@@ -62,9 +72,11 @@ def closing_line(result, workdir: str, arch: str) -> str:
       parts.append(f"{split} " + ", ".join(f"{k} {metrics[k]:.4g}" for k in keys))
   parts.append(f"checkpoint {os.path.join(result.checkpoint_dir, str(result.step))}")
   nxt = [f"plmjax export --workdir {workdir} --out {workdir}/hf"]
-  nxt.append(f"plmjax finetune --config configs/finetune/sst2.py --init {workdir} "
-             "--workdir runs/sst2" if arch == "bert"
-             else f"plmjax generate --workdir {workdir} --prompt 'Once upon a time'")
+  if arch == "bert":
+    nxt.append(f"plmjax finetune --config configs/finetune/sst2.py --init {workdir} "
+               "--workdir runs/sst2")
+  elif arch == "gpt":
+    nxt.append(f"plmjax generate --workdir {workdir} --prompt 'Once upon a time'")
   return "; ".join(parts) + "\nnext: " + "  |  ".join(nxt)
 
 
@@ -98,9 +110,45 @@ def _prepare_tokenizer(config, workdir: str):
   return load_tokenizer(dst)
 
 
+def _init_tokenizer(config, init: str, workdir: str):
+  """--init's tokenizer (config.data.tokenizer may name the same one), or the config's
+  when --init has none (an import-hf of a model without tokenizer files)."""
+  given = load_tokenizer(config.data.tokenizer) if config.data.tokenizer else None
+  if workdir_lib.has_tokenizer(init):
+    tokenizer = load_tokenizer(workdir_lib.tokenizer_dir(init))
+    if given is not None and not _same_tokenizer(tokenizer, given):
+      raise DataError(
+          f"config.data.tokenizer={given.path} is not the tokenizer of --init {init} "
+          f"({tokenizer.path}), whose weights belong to that one's token ids; leave "
+          "config.data.tokenizer empty to continue with it")
+  elif given is not None:
+    tokenizer = given
+  else:
+    raise DataError(f"--init {init} has no tokenizer ({workdir_lib.tokenizer_dir(init)}/ is "
+                    "missing or empty); set config.data.tokenizer to the one its weights were "
+                    "trained with")
+  if workdir_lib.has_tokenizer(workdir):
+    _check_same_tokenizer(load_tokenizer(workdir_lib.tokenizer_dir(workdir)), tokenizer, workdir)
+  return tokenizer
+
+
+def _same_tokenizer(a, b) -> bool:
+  """The same file, or the same piece at every id (a vocab.txt and its tokenizer.json)."""
+  if filecmp.cmp(a.path, b.path, shallow=False):
+    return True
+  return a.vocab_size == b.vocab_size and _pieces(a) is not None and _pieces(a) == _pieces(b)
+
+
+def _pieces(tokenizer) -> list[str] | None:
+  if hasattr(tokenizer, "id_to_piece"):  # sentencepiece
+    return [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+  inner = getattr(tokenizer, "_tok", None)  # Hugging Face tokenizers
+  return [inner.id_to_token(i) for i in range(tokenizer.vocab_size)] if inner else None
+
+
 def _check_same_tokenizer(saved, given, workdir: str):
   """A workdir keeps the tokenizer it started with: ids mean nothing under another one."""
-  if not filecmp.cmp(saved.path, given.path, shallow=False):
+  if not _same_tokenizer(saved, given):
     raise DataError(
         f"config.data.tokenizer={given.path} differs from {saved.path}, the tokenizer this "
         f"workdir ({workdir}) was trained with, so its token ids would mean different pieces; "
@@ -138,8 +186,51 @@ def _notices(config):
           flush=True)
 
 
-def run(config, workdir: str, *, signals: StopSignals | None = None, hooks=()):
-  """Pretrains (or resumes) in `workdir`; returns the Trainer's Result."""
+def _init_source(config, workdir: str, init: str | None) -> tuple[str | None, int | None]:
+  """(DIR, step) to take the first weights from: --init, else the workdir's init.json;
+  (None, None) when the workdir has checkpoints of its own (they win) or neither is set."""
+  steps = workdir_lib.checkpoint_steps(workdir, config)
+  if steps:
+    if init and jax.process_index() == 0:
+      print(f"plmjax: {workdir} has checkpoints of its own (newest: step {max(steps)}): "
+            f"resuming from them; --init {init} is not used", flush=True)
+    return None, None
+  if init:
+    return init, None
+  recorded = workdir_lib.read_init(workdir)
+  if recorded is None:
+    return None, None
+  if jax.process_index() == 0:
+    print(f"plmjax: starting from {recorded['init']} (step {recorded['step']}), the --init "
+          f"recorded in {workdir_lib.init_path(workdir)}", flush=True)
+  return recorded["init"], int(recorded["step"])
+
+
+def _load_init(config, model_cfg, init: str, step: int | None):
+  """(params, step) of --init for this config's model; shapes checked before any data work."""
+  theirs = workdir_lib.read_config(init).model
+  if theirs.get("arch") != model_cfg.arch:
+    raise ConfigError(f"--init {init} holds a {theirs.get('arch')!r} model but "
+                      f"config.model.arch={model_cfg.arch!r}; use a {theirs.get('arch')} config")
+  diffs = [f"config.model.{k}={workdir_lib.model_key(theirs, k)!r}" for k in workdir_lib.SHAPE_KEYS
+           if workdir_lib.model_key(theirs, k) != workdir_lib.model_key(config.model, k)]
+  hint = f"; set {', '.join(diffs)} as in {workdir_lib.config_path(init)}" if diffs else ""
+  eps = theirs.get("layer_norm_eps")
+  if eps is not None and eps != model_cfg.layer_norm_eps and jax.process_index() == 0:
+    print(f"plmjax: note: config.model.layer_norm_eps={model_cfg.layer_norm_eps:g} but --init "
+          f"{init} has {eps:g}", flush=True)
+  model = build_model(model_cfg, config.task.head)
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype)
+           for k, (shape, dtype) in pipeline.batch_spec(config, 1).items()}
+  return state_lib.params_from_workdir(init, state_lib.abstract_params(model, batch),
+                                       model_cfg.initializer_range, config.train.seed,
+                                       step=step, hint=hint)
+
+
+def run(config, workdir: str, *, init: str | None = None, signals: StopSignals | None = None,
+        hooks=()):
+  """Pretrains (or resumes) in `workdir`, from --init's weights if `init` is a workdir;
+  returns the Trainer's Result."""
   config_lib.check_config_keys(config)
   model_cfg = config_lib.validate(config)
   workdir_lib.check_usable(workdir, config)
@@ -152,39 +243,53 @@ def run(config, workdir: str, *, signals: StopSignals | None = None, hooks=()):
     _notices(config)
   mesh = sharding.make_mesh(config.mesh)  # mesh and batch errors before any tokenizer work
   sharding.check_batch(config.train.batch_size, config.train.grad_accum_steps, mesh)
+  init, init_step = _init_source(config, workdir, init)
+  init_params = None
+  if init:
+    loaded = {}
+    loaded["params"], init_step = _load_init(config, model_cfg, init, init_step)
+    init_params = lambda abstract: loaded.pop("params")  # the host copy goes once on device
 
   with _undo_on_error(workdir):
-    tokenizer = _prepare_tokenizer(config, workdir)
+    if init:
+      tokenizer = _init_tokenizer(config, init, workdir)
+    else:
+      tokenizer = _prepare_tokenizer(config, workdir)
     check_vocab(tokenizer, model_cfg.vocab_size)
-    trainer, train_iter, evaluate = _build(config, model_cfg, tokenizer, workdir)
+    trainer, train_iter, evaluate = _build(config, model_cfg, tokenizer, workdir, init_params)
   if proc0:  # everything checked: now the workdir is written
     os.makedirs(workdir, exist_ok=True)
-    if config.data.tokenizer and not workdir_lib.has_tokenizer(workdir):
-      tokenizer.save(workdir_lib.tokenizer_dir(workdir))
+    if not workdir_lib.has_tokenizer(workdir):
+      if init and workdir_lib.has_tokenizer(init):  # all its files, for export
+        shutil.copytree(workdir_lib.tokenizer_dir(init), workdir_lib.tokenizer_dir(workdir),
+                        dirs_exist_ok=True)
+      elif config.data.tokenizer:
+        tokenizer.save(workdir_lib.tokenizer_dir(workdir))
+    if init:
+      workdir_lib.write_init(workdir, init, init_step)
     workdir_lib.write_config(workdir, config)
   every = config.train.eval_every_steps
   return trainer.fit(train_iter, evaluate=evaluate, eval_due=lambda step: every > 0 and
                      step % every == 0, signals=signals, hooks=hooks, desc="pretrain")
 
 
-def _build(config, model_cfg, tokenizer, workdir):
+def _build(config, model_cfg, tokenizer, workdir, init_params=None):
   n_proc, proc = jax.process_count(), jax.process_index()
   local_batch = config.train.batch_size // n_proc
 
   def make_iter(split):
     return pipeline.make_pretrain_iterator(config, tokenizer, split=split, batch_size=local_batch,
-                                           process_index=proc, process_count=n_proc)
+                                           process_index=proc, process_count=n_proc,
+                                           cache_dir=os.path.join(workdir, "data_cache"))
 
   train_iter = make_iter("train")
   first_state = train_iter.get_state()
   example = next(train_iter)
   train_iter.set_state(first_state)
-  seq_len = config.data.max_seq_len
-  masked = config.data.max_predictions_per_seq if model_cfg.arch == "bert" else None
+  tokens, flops = pretrain_flops(config, model_cfg)
   trainer = Trainer(config, workdir, build_model(model_cfg, config.task.head),
-                    PRETRAINING[model_cfg.arch], example,
-                    flops_per_token=flops_per_token(model_cfg, seq_len, masked),
-                    tokens_per_example=seq_len)
+                    PRETRAINING[model_cfg.arch], example, flops_per_token=flops,
+                    tokens_per_example=tokens, init_params=init_params)
   evaluate = None
   if config.data.eval:  # tokenised once; every evaluation replays the same batches
     eval_iter = make_iter("eval")

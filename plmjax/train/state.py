@@ -6,8 +6,9 @@
 `Layout` is what the state and a batch look like on the mesh (abstract shapes and
 shardings), computed without allocating anything, so `plmjax compile` can use it with
 devices that are not attached. `create` then fills it: restore the newest readable
-checkpoint of the workdir; else load initial weights (`init_params`: fine-tuning's
---init); else initialise. The loss scale is saved in the checkpoint's meta, beside the RNG.
+checkpoint of the workdir; else load initial weights (`init_params`: the --init of
+pretrain and finetune, made by `params_from_workdir`); else initialise. The loss scale is
+saved in the checkpoint's meta, beside the RNG.
 """
 
 import dataclasses
@@ -20,6 +21,8 @@ import numpy as np
 import optax
 
 from plmjax import workdir as workdir_lib
+from plmjax.errors import CheckpointError
+from plmjax.models.transformer import match_layer_layout
 from plmjax.train import checkpoint, sharding
 from plmjax.train.optimizer import make_optimizer
 from plmjax.train.step import initial_loss_scale, model_inputs
@@ -132,3 +135,63 @@ def create(lay: Layout, model, example_batch, seed: int, workdir: str, config,
     state["loss_scale"] = jax.device_put(initial_loss_scale(config.train),
                                          lay.shardings["loss_scale"])
   return state, None
+
+
+def abstract_params(model, example_batch: dict) -> dict:
+  """ShapeDtypeStructs of `model`'s parameters, as `layout` finds them but without a mesh
+  (`example_batch`: arrays or ShapeDtypeStructs, e.g. from pipeline.batch_spec)."""
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+  return nn.meta.unbox(jax.eval_shape(_init_fn(model, example_batch), key))
+
+
+def params_from_workdir(init: str, abstract: dict, initializer_range: float, seed: int = 0, *,
+                        step: int | None = None, hint: str = "") -> tuple[dict, int]:
+  """(params, step): --init's weights (host numpy; its newest checkpoint, or `step`) in the
+  tree of `abstract`. A parameter whose path is in the checkpoint must have its shape; the
+  others (a head --init lacks) start fresh: normal(initializer_range) kernels, zero
+  biases, unit scales, as the models initialise them."""
+  pretrained, step = checkpoint.load_params(init, step)
+  pretrained = match_layer_layout(pretrained, abstract)  # model.scan_layers may differ
+  flat = {_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(pretrained)[0]}
+  rng = np.random.default_rng(seed)
+  fresh, used = [], set()
+
+  def pick(path, leaf):
+    name = _name(path)
+    if name in flat:
+      value = flat[name]
+      if tuple(value.shape) != tuple(leaf.shape):
+        raise CheckpointError(f"--init {init}: parameter {name} has shape {tuple(value.shape)} "
+                              f"there but {tuple(leaf.shape)} under this config{hint}")
+      used.add(name)
+      return np.asarray(value, leaf.dtype)
+    fresh.append(name)
+    leaf_name = name.rsplit("/", 1)[-1]
+    if leaf_name == "bias":
+      return np.zeros(leaf.shape, leaf.dtype)
+    if leaf_name == "scale":
+      return np.ones(leaf.shape, leaf.dtype)
+    return (rng.standard_normal(leaf.shape) * initializer_range).astype(leaf.dtype)
+
+  params = jax.tree_util.tree_map_with_path(pick, abstract)
+  if not used:
+    top = sorted({n.split("/", 1)[0] for n in flat})
+    raise CheckpointError(f"the checkpoint in {init} shares no parameter with this model (it "
+                          f"has {', '.join(top)}/..., the model needs "
+                          f"{', '.join(sorted(abstract))}/...)")
+  if jax.process_index() == 0:
+    print(f"plmjax: {len(used)} tensors from {init} (step {step}); newly initialised: "
+          f"{', '.join(fresh) or 'none'}; not used: {_summary(sorted(set(flat) - used))}",
+          flush=True)
+  return params, step
+
+
+def _name(path) -> str:
+  return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+def _summary(names, limit: int = 4) -> str:
+  if not names:
+    return "none"
+  more = f" and {len(names) - limit} more" if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more

@@ -18,11 +18,15 @@ import optax
 from plmjax.train.objectives import Objective
 
 MODEL_INPUTS = ("token_type_ids", "attention_mask", "segment_ids", "position_ids",
-                "masked_positions", "cls_positions")
+                "masked_positions", "cls_positions",
+                # T5 (plmjax/data/t5_examples.py)
+                "decoder_input_ids", "encoder_segment_ids", "decoder_segment_ids",
+                "encoder_positions", "decoder_positions")
+_ARGUMENT = {"decoder_input_ids": "decoder_input_ids_BxT"}  # the model's name for the key
 
 
 def model_inputs(batch: dict) -> dict:
-  return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+  return {_ARGUMENT.get(k, k): batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 def initial_loss_scale(train_cfg, saved: dict | None = None) -> dict:

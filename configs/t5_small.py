@@ -1,0 +1,33 @@
+"""T5 1.1 small: 8+8 layers, d_model 512, 6 heads of 64, gated-GELU d_ff 1024, untied
+output, vocabulary 32128 (32028 pieces + 100 sentinels), ~77M parameters: the sizes of
+google/t5-v1_1-small. Inputs of 512 tokens (568 raw, T5's span-corruption lengths) and
+targets of 114; no dropout in pretraining, as T5 1.1.
+
+Span-corruption pretraining (plmjax/data/t5_examples.py; a TPU or GPU host, not measured
+here):
+  plmjax pretrain --config configs/t5_small.py --workdir runs/t5_small \\
+      --config.data.train=tfds:c4/en:3.0.1:train
+A token for tokens/s and MFU is an input or a target token (512 + 114 per row); rows are
+packed (data.packing). Throughput of the step alone:
+  python bench/pretrain_step.py --config configs/t5_small.py --batch 8
+`plmjax import-hf --model t5-v1_1-small-dir ...` gives a workdir of this shape.
+"""
+
+from plmjax.config import base_config
+
+
+def get_config():
+  c = base_config("t5")
+  c.model.update(num_layers=8, num_decoder_layers=8, hidden_size=512, num_heads=6,
+                 attention_head_dim=64, intermediate_size=1024, vocab_size=32128,
+                 max_position_embeddings=512, dropout_rate=0.0, attention_dropout_rate=0.0,
+                 dtype="bfloat16")
+  c.data.train = "builtin:python-docs"
+  c.data.eval = "builtin:python-docs:eval"
+  c.data.max_seq_len = 512
+  c.data.max_target_len = 114
+  c.data.packing = True  # document tails share rows (t5_examples.py)
+  c.train.update(steps=100_000, batch_size=128, learning_rate=1e-3, warmup_steps=10_000,
+                 weight_decay=0.0, log_every_steps=100, eval_every_steps=5000, eval_steps=20)
+  c.checkpoint.every_steps = 5000
+  return c
