@@ -1,13 +1,14 @@
 """T5-tiny: T5 1.1 layout (gated-GELU, untied output), 2+2 layers, hidden 128. CPU, minutes.
 
-Span-corruption pretraining is not wired into `plmjax pretrain` yet (the data pipeline
-comes next); what works today: the model (tests/test_t5.py builds this config), and
-  plmjax tokenizer train --kind t5 --input builtin:python-docs --vocab-size 8000 --out tok/t5
-  (then `plmjax import-hf` / `plmjax export` for T5 workdirs; see the README's T5 section)
-Planned run (offline; the built-in corpus is the Python documentation):
+Span-corruption pretraining, offline on the built-in corpus (the Python documentation);
+trains a T5 tokenizer (kind t5, vocab 8000 with the 100 sentinels) into the workdir first:
   plmjax pretrain --config configs/t5_tiny.py --workdir runs/t5_tiny
 Inputs of 128 tokens hold 141 raw tokens with 21 of them (in 7 spans) moved to the
-targets of 29 tokens (plmjax.data.span_corruption.lengths(128, 32)). Not measured yet.
+targets of 29 tokens (plmjax.data.span_corruption.lengths(128, 32)); rows are packed.
+Expect (2-core CPU, 2026-11-30): 300 steps in about 1.5 min (4 steps/s, 21k tokens/s,
+a token = an input or a target token); the loss (per target token) falls from ~42 (HF's
+T5 init) to 7.47 at step 300, token accuracy 0.24; eval loss 7.64, accuracy 0.24.
+Then: plmjax export --workdir runs/t5_tiny --out runs/t5_tiny/hf (T5ForConditionalGeneration).
 """
 
 from plmjax.config import base_config

@@ -29,7 +29,7 @@ from plmjax.models import build_model
 from plmjax.train import sharding
 from plmjax.train import state as state_lib
 from plmjax.train import topologies
-from plmjax.train.flops import flops_per_token
+from plmjax.train.flops import pretrain_flops
 from plmjax.train.objectives import PRETRAINING
 from plmjax.train.trainer import jit_steps
 
@@ -95,12 +95,11 @@ def report(config, topology: str) -> dict:
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=lay.batch_sharding)
            for k, (shape, dtype) in spec.items()}
   train_step, _ = jit_steps(lay, model, PRETRAINING[model_cfg.arch], t)
-  masked = config.data.max_predictions_per_seq if model_cfg.arch == "bert" else None
+  tokens, fpt = pretrain_flops(config, model_cfg)  # T5: inputs + targets
   out = dict(topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices),
              num_hosts=sharding.num_processes(lay.mesh), mesh=dict(lay.mesh.shape),
              global_batch=t.batch_size, seq_len=seq_len,
-             model_flops_per_step=flops_per_token(model_cfg, seq_len, masked)
-             * t.batch_size * seq_len)
+             model_flops_per_step=fpt * t.batch_size * tokens)
   memory = dict(params=_bytes_per_device(lay.abstract["params"]),
                 opt_state=_bytes_per_device(lay.abstract["opt_state"]),
                 batch=_bytes_per_device(batch), hbm=hbm)
