@@ -67,6 +67,16 @@ class Tokenizer:
   def decode(self, ids) -> str:
     raise NotImplementedError
 
+  def id_to_piece(self, i: int) -> str:
+    raise NotImplementedError
+
+  def encode_with_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[str],
+                                                                     np.ndarray]]:
+    """Per text: ids (as encode gives them), pieces, and each token's (start, end)
+    characters in the text (Nx2)."""
+    raise DataError(f"tokenizer {self.path} gives no character offsets; use a sentencepiece "
+                    ".model, a tokenizer.json or a vocab.txt")
+
   def is_word_start(self, ids) -> np.ndarray:
     return self._word_start[np.asarray(ids, dtype=np.int64)]
 
@@ -173,6 +183,19 @@ class SentencePieceTokenizer(Tokenizer):
       run = []
     return " ".join(p for p in parts + [self._sp.decode(run)] if p)
 
+  def encode_with_offsets(self, texts):
+    # sentencepiece reports byte offsets into the original text (normalisation undone).
+    out = []
+    for text, proto in zip(texts, self._sp.encode(list(texts), out_type="proto")):
+      char = np.arange(len(text) + 1)
+      if len(text.encode("utf-8")) != len(text):  # byte -> character
+        sizes = [len(c.encode("utf-8")) for c in text]
+        char = np.append(np.repeat(np.arange(len(text)), sizes), len(text))
+      pieces = list(proto.pieces)
+      offsets = np.array([(char[p.begin], char[p.end]) for p in pieces], np.int64)
+      out.append(([p.id for p in pieces], [p.piece for p in pieces], offsets.reshape(-1, 2)))
+    return out
+
   def id_to_piece(self, i: int) -> str:
     i = int(i)
     if i >= self._sp.get_piece_size():
@@ -235,6 +258,13 @@ class HFTokenizer(Tokenizer):
 
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids])
+
+  def id_to_piece(self, i: int) -> str:
+    return self._tok.id_to_token(int(i))
+
+  def encode_with_offsets(self, texts):
+    return [(list(e.ids), list(e.tokens), np.array(e.offsets, np.int64).reshape(-1, 2))
+            for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
   def save(self, directory: str) -> str:
     os.makedirs(directory, exist_ok=True)

@@ -30,7 +30,7 @@ from plmjax.models.transformer import match_layer_layout, unstack_layers
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 _LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-_INDEXED = re.compile(r"(layer|h)_(\d+)")
+_INDEXED = re.compile(r"(layer|h|block)_(\d+)")  # layer_3 -> layer.3 (T5: block_3)
 # Buffers Hugging Face (now or in older versions) writes next to the weights.
 _BUFFERS = re.compile(r"(^|\.)(position_ids|token_type_ids)$|\.attn\.(masked_)?bias$"
                       r"|\.crossattention\.(masked_)?bias$")

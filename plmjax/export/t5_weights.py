@@ -13,32 +13,15 @@ file holds a different `lm_head.weight`; plmjax's untied model then gets a copy 
 `shared.weight`, which gives the same logits.
 """
 
-import re
-
 import numpy as np
 
 from plmjax.errors import CheckpointError
-from plmjax.export.hf_weights import DTYPES, flatten, unwrap
+from plmjax.export.hf_weights import DTYPES, flatten, hf_name, unwrap
 
-_LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
-_INDEXED = re.compile(r"(block|layer)_(\d+)")
 EMBED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 # Written by old versions; HF ignores it on load (cross-attention has no position bias).
 IGNORED = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
 SHARED, LM_HEAD = "shared.weight", "lm_head.weight"
-
-
-def hf_name(path: tuple[str, ...]) -> str:
-  """('encoder','block_0','layer_0','SelfAttention','q','kernel') ->
-  'encoder.block.0.layer.0.SelfAttention.q.weight'."""
-  parts = []
-  for key in path[:-1]:
-    m = _INDEXED.fullmatch(key)
-    parts.extend(m.groups() if m else (key,))
-  if path[-1] not in _LEAF_TO_HF:
-    raise ValueError(f"parameter {'/'.join(path)} has no Hugging Face counterpart")
-  parts.append(_LEAF_TO_HF[path[-1]])
-  return ".".join(parts)
 
 
 def to_hf_state_dict(params, dtype: str = "float32") -> dict[str, np.ndarray]:

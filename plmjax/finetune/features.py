@@ -17,7 +17,6 @@ import re
 
 import numpy as np
 
-from plmjax.data.tokenizer import HFTokenizer, SentencePieceTokenizer
 from plmjax.errors import ConfigError, DataError
 from plmjax.finetune.data import task_fields
 
@@ -235,32 +234,14 @@ def _strip(text: str, start: int, end: int) -> tuple[int, int]:
 
 def encode_with_offsets(tokenizer, texts: list[str]) -> list[tuple[list[int], np.ndarray]]:
   """Each text's ids (as tokenizer.encode gives them) and each token's (start, end)
-  characters in the text, Nx2, whitespace left out (a token of only whitespace is empty).
-
-  sentencepiece reports byte offsets into the original text (its normalisation is
-  undone), the `tokenizers` library character offsets (WordPiece vocab.txt included).
-  """
-  # pylint: disable=protected-access
+  characters in the text, Nx2, whitespace left out (a token of only whitespace is empty)."""
   out = []
-  if isinstance(tokenizer, SentencePieceTokenizer):
-    for text, proto in zip(texts, tokenizer._sp.encode(list(texts), out_type="proto")):
-      char = np.arange(len(text) + 1)
-      if len(text.encode("utf-8")) != len(text):  # byte -> character
-        sizes = [len(c.encode("utf-8")) for c in text]
-        char = np.append(np.repeat(np.arange(len(text)), sizes), len(text))
-      pieces = list(proto.pieces)
-      offsets = [_strip(text, char[p.begin], char[p.end]) for p in pieces]
-      out.append(([p.id for p in pieces], np.array(offsets, np.int64).reshape(-1, 2)))
-  elif isinstance(tokenizer, HFTokenizer):
-    for text, e in zip(texts, tokenizer._tok.encode_batch(list(texts),
-                                                           add_special_tokens=False)):
-      # A lone '▁' may be the Metaspace pre-tokenizer's own (offsets of the next character).
-      offsets = [_strip(text, a, a if not piece.strip("\u2581\u0120") else b)
-                 for piece, (a, b) in zip(e.tokens, e.offsets)]
-      out.append((list(e.ids), np.array(offsets, np.int64).reshape(-1, 2)))
-  else:
-    raise DataError(f"tokenizer {tokenizer.path} gives no character offsets; QA needs a "
-                    "sentencepiece .model, a tokenizer.json or a vocab.txt")
+  for ids, pieces, offsets in tokenizer.encode_with_offsets(texts):
+    text = texts[len(out)]
+    # A lone '▁' may be the Metaspace pre-tokenizer's own (offsets of the next character).
+    spans = [_strip(text, a, a if not piece.strip("\u2581\u0120") else b)
+             for piece, (a, b) in zip(pieces, offsets)]
+    out.append((ids, np.array(spans, np.int64).reshape(-1, 2)))
   return out
 
 

@@ -136,14 +136,11 @@ def _same_tokenizer(a, b) -> bool:
   """The same file, or the same piece at every id (a vocab.txt and its tokenizer.json)."""
   if filecmp.cmp(a.path, b.path, shallow=False):
     return True
-  return a.vocab_size == b.vocab_size and _pieces(a) is not None and _pieces(a) == _pieces(b)
+  return a.vocab_size == b.vocab_size and _pieces(a) == _pieces(b)
 
 
-def _pieces(tokenizer) -> list[str] | None:
-  if hasattr(tokenizer, "id_to_piece"):  # sentencepiece
-    return [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
-  inner = getattr(tokenizer, "_tok", None)  # Hugging Face tokenizers
-  return [inner.id_to_token(i) for i in range(tokenizer.vocab_size)] if inner else None
+def _pieces(tokenizer) -> list[str]:
+  return [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
 
 
 def _check_same_tokenizer(saved, given, workdir: str):
