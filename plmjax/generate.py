@@ -1,4 +1,4 @@
-"""`plmjax generate`: text from a GPT workdir, the whole decode loop on device.
+"""`plmjax generate`: text from a GPT or T5 workdir, the whole decode loop on device.
 
   plmjax generate --workdir runs/gpt2_small --prompt "The history of" \\
       [--max-new-tokens 50 --temperature 0.8 --top-k 40 --top-p 0.95 --seed 0]
@@ -12,6 +12,12 @@ prefill, then a while_loop over the KV cache until every row reaches end-of-text
 --max-new-tokens. --temperature 0 is greedy decoding; --num-beams K > 1 is beam search
 as Hugging Face's generate(num_beams=K, do_sample=False), which ignores --temperature,
 --top-k and --top-p.
+
+A T5 workdir (model.arch=t5) takes the same flags: each prompt is the encoder's source
+(its tokens and </s>), and the output is the decoder's text, printed for --prompt and
+written as {"prompt": ..., "target": ...} lines for --input (plmjax/seq2seq_decoding.py:
+the encoder once, then the cached decoder in a while_loop; --max-new-tokens has no
+position-table bound).
 """
 
 import json
@@ -20,12 +26,12 @@ import os
 import jax
 import numpy as np
 
-from plmjax import decoding
+from plmjax import decoding, seq2seq_decoding
 from plmjax import workdir as workdir_lib
 from plmjax.data.tokenizer import load_tokenizer
 from plmjax.decoding import filter_logits  # noqa: F401  (public: tests, callers)
 from plmjax.errors import ConfigError, DataError, UserError
-from plmjax.models import gpt
+from plmjax.models import build_model, gpt
 from plmjax.models.config import ModelConfig
 from plmjax.train import checkpoint
 
@@ -33,9 +39,10 @@ PROMPT_BUCKET = 8  # prompt lengths round up to a multiple: fewer compilations
 
 
 def add_arguments(parser):
-  parser.add_argument("--workdir", required=True, help="a GPT workdir (pretrain or import-hf)")
+  parser.add_argument("--workdir", required=True,
+                      help="a GPT or T5 workdir (pretrain, import-hf or finetune)")
   source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--prompt", help="one prompt; prints prompt + completion")
+  source.add_argument("--prompt", help="one prompt; prints prompt + completion (T5: the target)")
   source.add_argument("--input", help="prompts: .jsonl ({\"prompt\": ...} lines) or text lines")
   parser.add_argument("--output", help="with --input: .jsonl of {\"prompt\", \"completion\"}")
   parser.add_argument("--batch-size", type=int, default=16, help="prompts per device call")
@@ -166,6 +173,29 @@ def completion_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str
   return full[len(prompt):] if full.startswith(prompt) else tokenizer.decode(new_ids)
 
 
+def _main_t5(args, model_cfg):
+  """T5: each prompt is the encoder's source (its tokens and </s>); the output is the
+  decoder's text (plmjax.seq2seq_decoding: encoder once, cached decoder on device)."""
+  tokenizer = load_tokenizer(workdir_lib.tokenizer_dir(args.workdir))
+  texts = [args.prompt] if args.prompt is not None else read_prompts(args.input)
+  sources = [list(tokenizer.encode(t)) + [tokenizer.eos_id] for t in texts]
+  params, _ = checkpoint.load_params(args.workdir, args.step)
+  new = seq2seq_decoding.generate_seq2seq_ids(
+      build_model(model_cfg, "seq2seq"), params, sources, max_new_tokens=args.max_new_tokens,
+      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, batch_size=args.batch_size,
+      num_beams=args.num_beams, length_penalty=args.length_penalty,
+      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+  targets = [tokenizer.decode(ids) for ids in new]
+  if args.prompt is not None:
+    print(targets[0], flush=True)
+    return 0
+  with open(args.output, "w", encoding="utf-8") as f:
+    for text, target in zip(texts, targets):
+      f.write(json.dumps({"prompt": text, "target": target}, ensure_ascii=False) + "\n")
+  print(f"wrote {len(texts)} targets to {args.output}", flush=True)
+  return 0
+
+
 def main(args, overrides):
   if overrides:
     raise ConfigError(f"generate takes no --config overrides (got {overrides[0]})")
@@ -173,8 +203,11 @@ def main(args, overrides):
     raise UserError("--input needs --output FILE.jsonl for the completions")
   config = workdir_lib.read_config(args.workdir)
   model_cfg = ModelConfig.from_config(config.model)
+  if model_cfg.arch == "t5":
+    return _main_t5(args, model_cfg)
   if model_cfg.arch != "gpt":
-    raise ConfigError(f"{args.workdir} holds a {model_cfg.arch!r} model; generate needs GPT")
+    raise ConfigError(f"{args.workdir} holds a {model_cfg.arch!r} model; generate needs GPT "
+                      "or T5")
   tokenizer = load_tokenizer(workdir_lib.tokenizer_dir(args.workdir))
   texts = [args.prompt] if args.prompt is not None else read_prompts(args.input)
   prompts = [tokenizer.encode(t) for t in texts]
