@@ -41,9 +41,10 @@ def filter_logits(logits_V, top_k: int, top_p):
   return jnp.where(logits_V < cutoff, neg, logits_V)
 
 
-def _batch_axes(model: gpt.GPT, max_len: int):
-  """Per cache leaf, the axis that holds the batch (None: shared by all rows)."""
-  one, two = (jax.eval_shape(lambda b=b: gpt.init_cache(model, b, max_len)) for b in (1, 2))
+def batch_axes(make_cache):
+  """Per cache leaf, the axis that holds the batch (None: shared by all rows);
+  make_cache(b) builds the cache of b rows (only its shapes are computed)."""
+  one, two = (jax.eval_shape(lambda b=b: make_cache(b)) for b in (1, 2))
 
   def axis(a, b):
     diff = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
@@ -51,7 +52,7 @@ def _batch_axes(model: gpt.GPT, max_len: int):
   return jax.tree.map(axis, one, two)
 
 
-def _take_rows(cache, axes, rows_R):
+def take_rows(cache, axes, rows_R):
   """The cache of rows `rows_R` (a gather along each leaf's batch axis)."""
   return jax.tree.map(lambda x, a: x if a is None else jnp.take(x, rows_R, axis=a), cache, axes)
 
@@ -73,15 +74,14 @@ def _step(model, params, cache, tokens_R, positions_R):
   return out["logits"][:, -1], mut["cache"]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "greedy", "top_k"))
-def sample_loop(model, params, ids_BxT, mask_BxT, rows_B, seed, eos_id, pad_id, temperature,
-                top_p, *, max_new_tokens: int, greedy: bool, top_k: int):
-  """Greedy (greedy=True) or sampled tokens BxN. Row b draws from key(seed) folded with
-  rows_B[b] (the prompt's index) and the step, so a prompt's sample does not depend on
-  the rest of its batch."""
-  batch = ids_BxT.shape[0]
+def sample_tokens(step, logits_BxV, cache, seed, rows_B, eos_id, pad_id, temperature, top_p, *,
+                  max_new_tokens: int, greedy: bool, top_k: int):
+  """Greedy (greedy=True) or sampled tokens BxN from the first logits and a cache;
+  step(cache, token_B, i) feeds new token i - 1 and returns (logits BxV, cache). Row b draws
+  from key(seed) folded with rows_B[b] (the prompt's index) and the step, so a prompt's
+  sample does not depend on the rest of its batch."""
+  batch = logits_BxV.shape[0]
   keys_B = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(rows_B)
-  logits_BxV, cache, pos_B = _prefill(model, params, ids_BxT, mask_BxT, max_new_tokens)
 
   def pick(logits_BxV, i):
     if greedy:
@@ -104,7 +104,7 @@ def sample_loop(model, params, ids_BxT, mask_BxT, rows_B, seed, eos_id, pad_id, 
 
   def body(state):
     i, token_B, out_BxN, done_B, cache = state
-    logits_BxV, cache = _step(model, params, cache, token_B, pos_B + i - 1)
+    logits_BxV, cache = step(cache, token_B, i)
     out_BxN, done_B, token_B = record(out_BxN, done_B, pick(logits_BxV, i), i)
     return i + 1, token_B, out_BxN, done_B, cache
 
@@ -112,21 +112,18 @@ def sample_loop(model, params, ids_BxT, mask_BxT, rows_B, seed, eos_id, pad_id, 
   return jax.lax.while_loop(cond, body, state)[2]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "num_beams"))
-def beam_loop(model, params, ids_BxT, mask_BxT, eos_id, pad_id, penalty_N1, *,
-              max_new_tokens: int, num_beams: int):
-  """The best beam per prompt, BxN. penalty_N1[n] = n ** length_penalty (float32, computed
-  on the host in float64 as Hugging Face does)."""
-  batch, length = ids_BxT.shape
+def beam_tokens(step, reorder, logits_BxV, cache, eos_id, pad_id, penalty_N1, *,
+                max_new_tokens: int, num_beams: int):
+  """The best beam per prompt, BxN, from the first logits and a cache of B rows;
+  step(cache, token_R, i) feeds new token i - 1 of each of the R = B x K beams and returns
+  (logits RxV, cache); reorder(cache, rows_R) gathers the cache rows of the beams kept.
+  penalty_N1[n] = n ** length_penalty (float32, computed on the host in float64 as Hugging
+  Face does)."""
+  batch, vocab = logits_BxV.shape
   k, n = num_beams, max_new_tokens
   k2 = 2 * k  # candidates kept per step: enough to leave K running if K of them end
-  logits_BxV, cache, pos_B = _prefill(model, params, ids_BxT, mask_BxT, n)
-  # Every beam starts from the prompt: repeat each row's cache K times.
-  rows_R = jnp.repeat(jnp.arange(batch), k)
-  cache = _take_rows(cache, _batch_axes(model, length + n), rows_R)
-  vocab = logits_BxV.shape[-1]
+  cache = reorder(cache, jnp.repeat(jnp.arange(batch), k))  # every beam starts from the prompt
   logits_RxV = jnp.repeat(logits_BxV, k, axis=0)
-  pos_R = jnp.repeat(pos_B, k)
 
   def select(s, logits_RxV):
     """One step of Hugging Face's _beam_search: candidates, running beams, finished beams."""
@@ -171,13 +168,37 @@ def beam_loop(model, params, ids_BxT, mask_BxT, eos_id, pad_id, penalty_N1, *,
 
   def body(carry):
     state, parent_R, token_R, cache = carry
-    cache = _take_rows(cache, _batch_axes(model, length + n), parent_R)
-    logits_RxV, cache = _step(model, params, cache, token_R, pos_R + state["i"] - 1)
+    cache = reorder(cache, parent_R)
+    logits_RxV, cache = step(cache, token_R, state["i"])
     state, parent_R, token_R = select(state, logits_RxV)
     return state, parent_R, token_R, cache
 
   carry = jax.lax.while_loop(lambda c: c[0]["go_on"], body, (state, parent_R, token_R, cache))
   return carry[0]["seqs"][:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "greedy", "top_k"))
+def sample_loop(model, params, ids_BxT, mask_BxT, rows_B, seed, eos_id, pad_id, temperature,
+                top_p, *, max_new_tokens: int, greedy: bool, top_k: int):
+  """Greedy or sampled tokens BxN for left-padded prompts (see sample_tokens)."""
+  logits_BxV, cache, pos_B = _prefill(model, params, ids_BxT, mask_BxT, max_new_tokens)
+  step = lambda cache, token_B, i: _step(model, params, cache, token_B, pos_B + i - 1)
+  return sample_tokens(step, logits_BxV, cache, seed, rows_B, eos_id, pad_id, temperature, top_p,
+                       max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "num_beams"))
+def beam_loop(model, params, ids_BxT, mask_BxT, eos_id, pad_id, penalty_N1, *,
+              max_new_tokens: int, num_beams: int):
+  """The best beam per left-padded prompt, BxN (see beam_tokens)."""
+  length = ids_BxT.shape[1]
+  logits_BxV, cache, pos_B = _prefill(model, params, ids_BxT, mask_BxT, max_new_tokens)
+  axes = batch_axes(lambda b: gpt.init_cache(model, b, length + max_new_tokens))
+  pos_R = jnp.repeat(pos_B, num_beams)
+  step = lambda cache, token_R, i: _step(model, params, cache, token_R, pos_R + i - 1)
+  reorder = lambda cache, rows_R: take_rows(cache, axes, rows_R)
+  return beam_tokens(step, reorder, logits_BxV, cache, eos_id, pad_id, penalty_N1,
+                     max_new_tokens=max_new_tokens, num_beams=num_beams)
 
 
 def length_penalties(max_new_tokens: int, length_penalty: float) -> np.ndarray:

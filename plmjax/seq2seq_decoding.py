@@ -23,26 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plmjax.decoding import NEG, filter_logits, length_penalties
+from plmjax import decoding
+from plmjax.decoding import length_penalties
 from plmjax.errors import ConfigError, UserError
 from plmjax.models import t5
 
 SOURCE_BUCKET = 8  # source lengths round up to a multiple: fewer compilations
-
-
-def _batch_axes(model, max_len: int, source_len: int):
-  """Per cache leaf, the axis that holds the batch (None: shared by all rows)."""
-  one, two = (jax.eval_shape(lambda b=b: t5.init_cache(model, b, max_len, source_len))
-              for b in (1, 2))
-
-  def axis(a, b):
-    diff = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
-    return diff[0] if diff else None
-  return jax.tree.map(axis, one, two)
-
-
-def _take_rows(cache, axes, rows_R):
-  return jax.tree.map(lambda x, a: x if a is None else jnp.take(x, rows_R, axis=a), cache, axes)
 
 
 def _start(model, params, ids_BxS, mask_BxS, start_id, max_new: int):
@@ -68,99 +54,27 @@ def _step(model, params, cache, tokens_R, mask_RxS):
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "greedy", "top_k"))
 def sample_loop(model, params, ids_BxS, mask_BxS, rows_B, seed, start_id, eos_id, pad_id,
                 temperature, top_p, *, max_new_tokens: int, greedy: bool, top_k: int):
-  """Greedy (greedy=True) or sampled tokens BxN. Row b draws from key(seed) folded with
-  rows_B[b] (the source's index) and the step, so a source's sample does not depend on the
-  rest of its batch."""
-  batch = ids_BxS.shape[0]
-  keys_B = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(rows_B)
+  """Greedy (greedy=True) or sampled tokens BxN (plmjax.decoding.sample_tokens on T5's
+  cache): a source's sample depends on (seed, its index rows_B[b]), not on its batch."""
   logits_BxV, cache = _start(model, params, ids_BxS, mask_BxS, start_id, max_new_tokens)
-
-  def pick(logits_BxV, i):
-    if greedy:
-      return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    def one(logits_V, key):
-      logits_V = filter_logits(logits_V / temperature, top_k, top_p)
-      return jax.random.categorical(jax.random.fold_in(key, i), logits_V)
-    return jax.vmap(one)(logits_BxV.astype(jnp.float32), keys_B).astype(jnp.int32)
-
-  def record(out_BxN, done_B, token_B, i):
-    token_B = jnp.where(done_B, pad_id, token_B)
-    return out_BxN.at[:, i].set(token_B), done_B | (token_B == eos_id), token_B
-
-  out_BxN = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-  out_BxN, done_B, token_B = record(out_BxN, jnp.zeros(batch, bool), pick(logits_BxV, 0), 0)
-
-  def cond(state):
-    i, _, _, done_B, _ = state
-    return (i < max_new_tokens) & ~jnp.all(done_B)
-
-  def body(state):
-    i, token_B, out_BxN, done_B, cache = state
-    logits_BxV, cache = _step(model, params, cache, token_B, mask_BxS)
-    out_BxN, done_B, token_B = record(out_BxN, done_B, pick(logits_BxV, i), i)
-    return i + 1, token_B, out_BxN, done_B, cache
-
-  state = (jnp.int32(1), token_B, out_BxN, done_B, cache)
-  return jax.lax.while_loop(cond, body, state)[2]
+  step = lambda cache, token_B, i: _step(model, params, cache, token_B, mask_BxS)
+  return decoding.sample_tokens(step, logits_BxV, cache, seed, rows_B, eos_id, pad_id,
+                                temperature, top_p, max_new_tokens=max_new_tokens,
+                                greedy=greedy, top_k=top_k)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "num_beams"))
 def beam_loop(model, params, ids_BxS, mask_BxS, start_id, eos_id, pad_id, penalty_N1, *,
               max_new_tokens: int, num_beams: int):
-  """The best beam per source, BxN (plmjax.decoding.beam_loop's rules on T5's cache)."""
-  batch, source_len = ids_BxS.shape
-  k, n = num_beams, max_new_tokens
-  k2 = 2 * k
-  logits_BxV, cache = _start(model, params, ids_BxS, mask_BxS, start_id, n)
-  axes = _batch_axes(model, n, source_len)
-  cache = _take_rows(cache, axes, jnp.repeat(jnp.arange(batch), k))  # K beams per source
-  mask_RxS = jnp.repeat(mask_BxS, k, axis=0)
-  vocab = logits_BxV.shape[-1]
-  logits_RxV = jnp.repeat(logits_BxV, k, axis=0)
-
-  def select(s, logits_RxV):
-    """One step of Hugging Face's _beam_search: candidates, running beams, finished beams."""
-    i = s["i"]
-    logp_BxKxV = jax.nn.log_softmax(logits_RxV.astype(jnp.float32)).reshape(batch, k, vocab)
-    logp_BxKV = (logp_BxKxV + s["run_scores"][:, :, None]).reshape(batch, k * vocab)
-    cand_scores, flat = jax.lax.top_k(logp_BxKV, k2)
-    cand_beam, cand_tok = flat // vocab, (flat % vocab).astype(jnp.int32)
-    cand_seqs = jnp.take_along_axis(s["run_seqs"], cand_beam[:, :, None], axis=1)
-    cand_seqs = cand_seqs.at[:, :, i].set(cand_tok)
-    hits = (cand_tok == eos_id) | (i + 1 >= n)
-    run_scores, keep = jax.lax.top_k(cand_scores + hits * NEG, k)
-    run_seqs = jnp.take_along_axis(cand_seqs, keep[:, :, None], axis=1)
-    parent = jnp.take_along_axis(cand_beam, keep, axis=1) + jnp.arange(batch)[:, None] * k
-    ended = hits & (jnp.arange(k2) < k)[None, :]
-    fin = cand_scores / penalty_N1[i + 1] + (~s["open"])[:, None] * NEG + (~ended) * NEG
-    scores, best = jax.lax.top_k(jnp.concatenate([s["scores"], fin], axis=1), k)
-    seqs = jnp.take_along_axis(jnp.concatenate([s["seqs"], cand_seqs], axis=1), best[:, :, None],
-                               axis=1)
-    done = jnp.take_along_axis(jnp.concatenate([s["done"], ended], axis=1), best, axis=1)
-    best_running = run_scores[:, 0] / penalty_N1[i + 1]
-    worst = jnp.where(done, jnp.min(scores, axis=1, keepdims=True), NEG)
-    still_open = s["open"] & jnp.any(best_running[:, None] > worst, axis=1)
-    state = dict(i=i + 1, run_seqs=run_seqs, run_scores=run_scores, seqs=seqs, scores=scores,
-                 done=done, open=still_open, go_on=jnp.any(still_open) & ~jnp.all(hits))
-    return state, parent.reshape(-1), run_seqs[:, :, i].reshape(-1)
-
-  fill = jnp.full((batch, k, n), pad_id, jnp.int32)
-  state = dict(
-      i=jnp.int32(0), run_seqs=fill,
-      run_scores=jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, NEG).astype(jnp.float32), (batch, 1)),
-      seqs=fill, scores=jnp.full((batch, k), NEG, jnp.float32), done=jnp.zeros((batch, k), bool),
-      open=jnp.ones(batch, bool), go_on=jnp.bool_(True))
-  state, parent_R, token_R = select(state, logits_RxV)
-
-  def body(carry):
-    state, parent_R, token_R, cache = carry
-    cache = _take_rows(cache, axes, parent_R)
-    logits_RxV, cache = _step(model, params, cache, token_R, mask_RxS)
-    state, parent_R, token_R = select(state, logits_RxV)
-    return state, parent_R, token_R, cache
-
-  carry = jax.lax.while_loop(lambda c: c[0]["go_on"], body, (state, parent_R, token_R, cache))
-  return carry[0]["seqs"][:, 0]
+  """The best beam per source, BxN (plmjax.decoding.beam_tokens on T5's cache)."""
+  source_len = ids_BxS.shape[1]
+  logits_BxV, cache = _start(model, params, ids_BxS, mask_BxS, start_id, max_new_tokens)
+  axes = decoding.batch_axes(lambda b: t5.init_cache(model, b, max_new_tokens, source_len))
+  mask_RxS = jnp.repeat(mask_BxS, num_beams, axis=0)
+  step = lambda cache, token_R, i: _step(model, params, cache, token_R, mask_RxS)
+  reorder = lambda cache, rows_R: decoding.take_rows(cache, axes, rows_R)
+  return decoding.beam_tokens(step, reorder, logits_BxV, cache, eos_id, pad_id, penalty_N1,
+                              max_new_tokens=max_new_tokens, num_beams=num_beams)
 
 
 def right_pad(sources: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
