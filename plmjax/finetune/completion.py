@@ -203,22 +203,29 @@ def scores(predictions: list[str], references: list[str]) -> dict:
   return dict(exact_match=em / n, rougeL=rouge / n)
 
 
-def make_evaluate(trainer, task, feats: CompletionFeatures, tokenizer):
-  """params -> loss, accuracy, perplexity (completion tokens) and exact_match, rougeL
-  of greedy generations, over the whole evaluation set."""
-  prompts = [ex["prompt_ids"] for ex in feats.examples]
-  references = [ex["completion"] for ex in feats.examples]
+def generation_evaluator(trainer, arrays: dict, generate, references: list[str]):
+  """params -> OBJECTIVE's metrics over `arrays` (eval batches) and exact_match, rougeL of
+  generate(params) (texts) against `references`: GPT completions and T5 targets alike."""
   batch_size = trainer.config.train.batch_size
 
   def evaluate(params) -> dict:
     acc = None
     with trainer.context():
-      for batch in data.eval_batches(feats.arrays, batch_size,
-                                     process_index=jax.process_index(),
+      for batch in data.eval_batches(arrays, batch_size, process_index=jax.process_index(),
                                      process_count=jax.process_count()):
         sums = trainer.eval_step(params, sharding.global_batch(batch, trainer.mesh))
         acc = sums if acc is None else jax.tree.map(jnp.add, acc, sums)
-      texts = complete(trainer.model, params, tokenizer, prompts, task.max_new_tokens,
-                       batch_size=batch_size)
+      texts = generate(params)
     return dict(OBJECTIVE.finalize(jax.device_get(acc)), **scores(texts, references))
   return evaluate
+
+
+def make_evaluate(trainer, task, feats: CompletionFeatures, tokenizer):
+  """params -> loss, accuracy, perplexity (completion tokens) and exact_match, rougeL
+  of greedy generations, over the whole evaluation set."""
+  prompts = [ex["prompt_ids"] for ex in feats.examples]
+  generate = lambda params: complete(trainer.model, params, tokenizer, prompts,
+                                     task.max_new_tokens,
+                                     batch_size=trainer.config.train.batch_size)
+  return generation_evaluator(trainer, feats.arrays, generate,
+                              [ex["completion"] for ex in feats.examples])

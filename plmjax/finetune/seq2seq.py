@@ -23,15 +23,12 @@ task's scorer: exact_match (stripped texts equal) and rougeL (F-measure), means 
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from plmjax.errors import ConfigError, DataError
 from plmjax.finetune import completion, data
 from plmjax.finetune.features import Features
 from plmjax.models import t5
-from plmjax.train import sharding
 
 # The completion task's objective reads the same keys: logits, targets, loss_weights, weights.
 OBJECTIVE = completion.OBJECTIVE
@@ -114,21 +111,11 @@ def make_evaluate(trainer, task, feats: Seq2SeqFeatures, tokenizer):
   """params -> loss, accuracy, perplexity (target tokens) and exact_match, rougeL of greedy
   generations, over the whole evaluation set."""
   sources = [ex["source_ids"] for ex in feats.examples]
-  references = [ex["target"] for ex in feats.examples]
-  batch_size = trainer.config.train.batch_size
-
-  def evaluate(params) -> dict:
-    acc = None
-    with trainer.context():
-      for batch in data.eval_batches(feats.arrays, batch_size,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
-        sums = trainer.eval_step(params, sharding.global_batch(batch, trainer.mesh))
-        acc = sums if acc is None else jax.tree.map(jnp.add, acc, sums)
-      texts = generate_texts(trainer.model, params, tokenizer, sources, task.max_new_tokens,
-                             batch_size=batch_size)
-    return dict(OBJECTIVE.finalize(jax.device_get(acc)), **completion.scores(texts, references))
-  return evaluate
+  generate = lambda params: generate_texts(trainer.model, params, tokenizer, sources,
+                                           task.max_new_tokens,
+                                           batch_size=trainer.config.train.batch_size)
+  return completion.generation_evaluator(trainer, feats.arrays, generate,
+                                         [ex["target"] for ex in feats.examples])
 
 
 def predict(model, params, tokenizer, task, records, max_source_len: int, *,
