@@ -282,3 +282,41 @@ def test_packed_rows(corpus, tok, nsp):
     assert (ex["nsp_labels"][:k] == (examples.chunks.is_random[items] & nsp)).all()
     w = ex["masked_weights"] > 0
     assert (seg[ex["masked_positions"][w]] > 0).all()
+
+
+def test_chunks_are_the_same_whatever_the_block_size(corpus):
+  def chunks(block):
+    return make_chunks(corpus, 40, 0.3, np.random.default_rng(5), np.random.default_rng(6),
+                       block_documents=block)
+  whole = chunks(10**6)
+  for block in (1, 3):
+    part = chunks(block)
+    for name in ("start", "end", "doc", "target", "a_end", "is_random"):
+      assert np.array_equal(getattr(part, name), getattr(whole, name)), (block, name)
+
+
+def test_chunk_and_row_tables_are_kept_for_the_next_start(corpus, tok, tmp_path, monkeypatch):
+  from plmjax.data import bert_examples, bert_packing
+  make = lambda seed=2, cache_dir=str(tmp_path): PackedBertExamples(
+      corpus, tok, max_seq_len=L, max_predictions_per_seq=P, max_pairs_per_row=4, seed=seed,
+      cache_dir=cache_dir)
+  first, plain = make(), make(cache_dir=None)
+  tables = sorted(p.name for p in tmp_path.iterdir())
+  assert len(tables) == 2 and all(t.startswith("index-") for t in tables)  # chunks, rows
+
+  def fail(*args, **kwargs):
+    raise AssertionError("built again")
+  with monkeypatch.context() as m:  # the next start only loads them
+    m.setattr(bert_examples, "make_chunks", fail)
+    m.setattr(bert_packing, "pack_rows", fail)
+    again = make()
+    with pytest.raises(AssertionError, match="built again"):
+      make(seed=3)  # other settings, other tables
+  for i in (0, len(plain) // 2, len(plain) - 1):
+    for ex in (first.example(i, epoch=1), again.example(i, epoch=1)):
+      assert all(np.array_equal(v, plain.example(i, epoch=1)[k]) for k, v in ex.items())
+  # A damaged table is built again, not trusted.
+  damaged = next(p for p in tmp_path.glob("index-*/start.npy"))
+  damaged.write_bytes(b"not a numpy file")
+  assert np.array_equal(make().chunks.start, plain.chunks.start)
+  assert sorted(p.name for p in tmp_path.iterdir()) == tables

@@ -119,7 +119,9 @@ def test_each_process_caches_its_own_share(data, tmp_path):
     expected = _take(pipeline.make_pretrain_iterator(c, data["bert"], **where), 4)
     cached = pipeline.make_pretrain_iterator(c, data["bert"], cache_dir=str(tmp_path), **where)
     assert _same(_take(cached, 4), expected)
-  assert sorted(d.name.split("-")[-1] for d in tmp_path.iterdir()) == ["p0of2", "p1of2"]
+  shares = [d.name for d in tmp_path.iterdir() if not d.name.startswith("index-")]
+  assert sorted(name.split("-")[-1] for name in shares) == ["p0of2", "p1of2"]
+  assert len(list(tmp_path.glob("index-*"))) == 2  # each share's BERT chunk table
 
 
 @pytest.mark.parametrize("arch,overrides", [CASES[1], CASES[3]])

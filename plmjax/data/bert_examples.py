@@ -25,7 +25,9 @@ With nsp=False a row is [CLS] chunk [SEP] (the chunk target is max_seq_len - 2).
 import dataclasses
 
 import numpy as np
+import tqdm
 
+from plmjax.data import index_cache
 from plmjax.data.corpus import TokenizedCorpus
 from plmjax.data.masking import Masker
 
@@ -52,41 +54,57 @@ class Chunks:
     return len(self.start)
 
 
+COLUMN_DTYPES = (np.int64, np.int64, np.int32, np.int32, np.int64, np.bool_)  # as in Chunks
+
+
 def make_chunks(corpus: TokenizedCorpus, max_tokens: int, short_seq_prob: float,
-                rng: np.random.Generator, nsp_rng: np.random.Generator | None = None) -> Chunks:
+                rng: np.random.Generator, nsp_rng: np.random.Generator | None = None,
+                block_documents: int = 4096) -> Chunks:
   """Cuts every document into chunks of at most their target length (see module doc);
-  with `nsp_rng`, draws each chunk's A/B split and puts back what a random B leaves out."""
-  seg_off = corpus.segment_offsets.tolist()
-  doc_off = corpus.document_offsets.tolist()
+  with `nsp_rng`, draws each chunk's A/B split and puts back what a random B leaves out.
+
+  Documents are walked a block at a time, so that only one block's offsets are Python
+  lists; a progress bar shows after 3 s (millions of segments)."""
   next_target = _target_lengths(max_tokens, short_seq_prob, rng).__next__
   next_draws = _uniform_pairs(nsp_rng).__next__ if nsp_rng is not None else None
-  columns = starts, ends, docs, targets, a_ends, randoms = [], [], [], [], [], []
-  for d in range(corpus.num_documents):
-    s, s_last = doc_off[d], doc_off[d + 1]
-    start, doc_end = seg_off[s], seg_off[s_last]
-    while start < doc_end:
-      target = next_target()
-      end, s_next = _chunk_end(seg_off, start, s, s_last, target)
-      a_end, is_random = end, False
-      if next_draws is not None:
-        u_split, u_random = next_draws()
-        inner = s_next - s - (seg_off[s_next] == end)  # segment starts inside (start, end)
-        if inner == 0:
-          is_random = True  # a single segment: B can only come from elsewhere
-        else:
-          k = s + 1 + int(u_split * inner)
-          a_end, is_random = seg_off[k], u_random < 0.5
-          if is_random:  # the segments after A go back for the next chunk
-            end, s_next = a_end, k
-      starts.append(start)
-      ends.append(end)
-      docs.append(d)
-      targets.append(target)
-      a_ends.append(a_end)
-      randoms.append(is_random)
-      start, s = end, s_next
-  as_array = lambda x: np.asarray(x, dtype=np.int64)
-  return Chunks(*map(as_array, columns[:5]), np.asarray(randoms, dtype=np.bool_))
+  n_docs, blocks = corpus.num_documents, []
+  bar = tqdm.tqdm(total=n_docs, desc="cutting BERT chunks", unit="doc", delay=3, leave=False)
+  for d0 in range(0, n_docs, block_documents):
+    d1 = min(d0 + block_documents, n_docs)
+    s0 = int(corpus.document_offsets[d0])
+    doc_off = (corpus.document_offsets[d0:d1 + 1] - s0).tolist()  # local segment indices
+    seg_off = corpus.segment_offsets[s0:s0 + doc_off[-1] + 1].tolist()
+    columns = starts, ends, docs, targets, a_ends, randoms = [], [], [], [], [], []
+    for d in range(d1 - d0):
+      s, s_last = doc_off[d], doc_off[d + 1]
+      start, doc_end = seg_off[s], seg_off[s_last]
+      while start < doc_end:
+        target = next_target()
+        end, s_next = _chunk_end(seg_off, start, s, s_last, target)
+        a_end, is_random = end, False
+        if next_draws is not None:
+          u_split, u_random = next_draws()
+          inner = s_next - s - (seg_off[s_next] == end)  # segment starts inside (start, end)
+          if inner == 0:
+            is_random = True  # a single segment: B can only come from elsewhere
+          else:
+            k = s + 1 + int(u_split * inner)
+            a_end, is_random = seg_off[k], u_random < 0.5
+            if is_random:  # the segments after A go back for the next chunk
+              end, s_next = a_end, k
+        starts.append(start)
+        ends.append(end)
+        docs.append(d0 + d)
+        targets.append(target)
+        a_ends.append(a_end)
+        randoms.append(is_random)
+        start, s = end, s_next
+    blocks.append([np.asarray(c, dtype=t) for c, t in zip(columns, COLUMN_DTYPES)])
+    bar.update(d1 - d0)
+  bar.close()
+  if not blocks:
+    return Chunks(*(np.zeros(0, t) for t in COLUMN_DTYPES))
+  return Chunks(*(np.concatenate(column) for column in zip(*blocks)))
 
 
 def _chunk_end(seg_off: list, start: int, s: int, s_last: int, target: int) -> tuple[int, int]:
@@ -161,7 +179,7 @@ class BertExamples:
   def __init__(self, corpus: TokenizedCorpus, tokenizer, *, max_seq_len: int,
                max_predictions_per_seq: int, mask_prob: float = 0.15,
                short_seq_prob: float = 0.1, whole_word_masking: bool = False, nsp: bool = True,
-               seed: int = 0):
+               seed: int = 0, cache_dir: str | None = None):
     self.corpus = corpus
     self.max_seq_len = max_seq_len
     self.nsp = nsp
@@ -173,9 +191,15 @@ class BertExamples:
     overhead = 3 if nsp else 2
     if max_seq_len < overhead + 2:
       raise ValueError(f"max_seq_len={max_seq_len} is too short for BERT examples")
-    self.chunks = make_chunks(corpus, max_seq_len - overhead, short_seq_prob,
-                              np.random.default_rng([seed, 0x43484e4b]),
-                              np.random.default_rng([seed, 0x4e5350]) if nsp else None)
+    self.cache_dir = cache_dir
+    # What the chunks depend on (index_cache keeps them under cache_dir for the next start).
+    self.chunk_key = dict(table="bert_chunks", max_tokens=max_seq_len - overhead,
+                          short_seq_prob=short_seq_prob, min_fill=MIN_FILL, nsp=nsp, seed=seed,
+                          offsets=index_cache.offsets_digest(corpus) if cache_dir else None)
+    build = lambda: dataclasses.asdict(make_chunks(
+        corpus, max_seq_len - overhead, short_seq_prob, np.random.default_rng([seed, 0x43484e4b]),
+        np.random.default_rng([seed, 0x4e5350]) if nsp else None))
+    self.chunks = Chunks(**index_cache.cached(cache_dir, self.chunk_key, build))
     self._doc_starts = corpus.document_offsets  # segment index of each document's first segment
 
   def __len__(self) -> int:

@@ -12,6 +12,7 @@ each pair), cls_positions S, and per-pair nsp_labels / nsp_weights S.
 
 import numpy as np
 
+from plmjax.data import index_cache
 from plmjax.data.bert_examples import BertExamples
 
 
@@ -46,8 +47,12 @@ class PackedBertExamples(BertExamples):
     length = np.where(self.chunks.is_random, self.chunks.target, self.chunks.end - self.chunks.start)
     self._budget = np.maximum(length, 2 if self.nsp else 1)
     sizes = self._budget + (3 if self.nsp else 2)
-    self.row_offsets, self.row_items = pack_rows(
-        sizes, self.max_seq_len, max_pairs_per_row, np.random.default_rng([self.seed, 0x5041434b]))
+    key = dict(self.chunk_key, table="bert_rows", max_seq_len=self.max_seq_len,
+               max_pairs_per_row=max_pairs_per_row)
+    build = lambda: dict(zip(("row_offsets", "row_items"), pack_rows(
+        sizes, self.max_seq_len, max_pairs_per_row, np.random.default_rng([self.seed, 0x5041434b]))))
+    rows = index_cache.cached(self.cache_dir, key, build)
+    self.row_offsets, self.row_items = rows["row_offsets"], rows["row_items"]
 
   def __len__(self) -> int:
     return len(self.row_offsets) - 1

@@ -110,8 +110,9 @@ def open_corpus(config, tokenizer, *, split: str = "train", process_index: int =
                      process_count=process_count)
 
 
-def make_examples(config, tokenizer, corpus: TokenizedCorpus):
-  """The map-style example source config.model.arch and config.data ask for."""
+def make_examples(config, tokenizer, corpus: TokenizedCorpus, cache_dir: str | None = None):
+  """The map-style example source config.model.arch and config.data ask for; BERT keeps
+  its chunk and row tables under `cache_dir` for the next start (index_cache.py)."""
   d, seed = config.data, config.train.seed
   if config.model.arch == "t5":
     return t5_examples.T5Examples(
@@ -124,7 +125,8 @@ def make_examples(config, tokenizer, corpus: TokenizedCorpus):
         corpus, tokenizer, max_seq_len=d.max_seq_len, packing=d.packing)
   kwargs = dict(max_seq_len=d.max_seq_len, max_predictions_per_seq=d.max_predictions_per_seq,
                 mask_prob=d.mask_prob, short_seq_prob=d.short_seq_prob,
-                whole_word_masking=d.whole_word_masking, nsp=d.nsp, seed=seed)
+                whole_word_masking=d.whole_word_masking, nsp=d.nsp, seed=seed,
+                cache_dir=cache_dir)
   if d.packing:
     return PackedBertExamples(corpus, tokenizer, max_pairs_per_row=max_pairs_per_row(config),
                               **kwargs)
@@ -214,7 +216,7 @@ def make_pretrain_iterator(config, tokenizer, *, split: str = "train", batch_siz
   check_data_config(config, tokenizer)
   corpus = open_corpus(config, tokenizer, split=split, process_index=process_index,
                        process_count=process_count, cache_dir=cache_dir)
-  examples = make_examples(config, tokenizer, corpus)
+  examples = make_examples(config, tokenizer, corpus, cache_dir)
   return PretrainIterator(examples, batch_size=batch_size, shuffle=split == "train",
                           seed=config.train.seed, num_workers=config.data.num_workers,
                           num_threads=num_threads, split=split, num_tokens=corpus.num_tokens)
