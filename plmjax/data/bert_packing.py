@@ -10,6 +10,8 @@ Extra keys over plain BERT: segment_ids (0 pad, 1..S), position_ids (restart at
 each pair), cls_positions S, and per-pair nsp_labels / nsp_weights S.
 """
 
+import array
+
 import numpy as np
 
 from plmjax.data import index_cache
@@ -18,23 +20,27 @@ from plmjax.data.bert_examples import BertExamples
 
 def pack_rows(sizes: np.ndarray, capacity: int, max_items: int,
               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-  """Groups items into rows of total size <= capacity; returns (row_offsets, items)."""
+  """Groups items into rows of total size <= capacity; returns (row_offsets, items).
+
+  The loop reads and writes compact arrays (8 bytes an item), not Python lists, so that
+  millions of chunks stay a few hundred MB."""
   order = rng.permutation(len(sizes))  # so that rows mix documents
-  order = order[np.argsort(-sizes[order], kind="stable")].tolist()
-  size = sizes.tolist()
-  items, offsets = [], [0]
+  order = order[np.argsort(-sizes[order], kind="stable")]
+  size = array.array("q", sizes[order].astype(np.int64).tobytes())  # in `order`'s order
+  items, offsets = array.array("q"), array.array("q", [0])
   i, j = 0, len(order) - 1
   while i <= j:
-    items.append(order[i])
-    space, count = capacity - size[order[i]], 1
+    items.append(i)
+    space, count = capacity - size[i], 1
     i += 1
-    while j >= i and count < max_items and size[order[j]] <= space:
-      items.append(order[j])
-      space -= size[order[j]]
+    while j >= i and count < max_items and size[j] <= space:
+      items.append(j)
+      space -= size[j]
       count += 1
       j -= 1
     offsets.append(len(items))
-  return np.asarray(offsets, np.int64), np.asarray(items, np.int64)
+  return (np.frombuffer(offsets, np.int64).copy(),
+          order[np.frombuffer(items, np.int64)].astype(np.int64))
 
 
 class PackedBertExamples(BertExamples):
