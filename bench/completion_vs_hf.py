@@ -39,7 +39,8 @@ import transformers
 
 from plmjax import config as config_lib
 from plmjax.config import base_config
-from plmjax.data.tokenizer import load_tokenizer, train_tokenizer
+from plmjax.data.tokenizer import load_tokenizer
+from plmjax.data.tokenizer_train import train_tokenizer
 from plmjax.export import export
 from plmjax.finetune import completion, data, finetune
 from plmjax.models import build_model

@@ -66,9 +66,10 @@ def parse_args():
 
 def train_tokenizer(args, tmp: str, kind: str):
   from plmjax.data import tokenizer as tk  # pylint: disable=g-import-not-at-top
+  from plmjax.data import tokenizer_train  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
-  path = tk.train_tokenizer(args.data, args.vocab_size, "bpe", os.path.join(tmp, kind),
-                            kind=kind, num_threads=1)
+  path = tokenizer_train.train_tokenizer(args.data, args.vocab_size, "bpe",
+                                         os.path.join(tmp, kind), kind=kind, num_threads=1)
   print(f"tokenizer {kind}: trained in {time.perf_counter() - t0:.1f} s", flush=True)
   return tk.load_tokenizer(path)
 

@@ -2,6 +2,7 @@
 create_instances_from_document on the same segments (figures in bench/RESULTS.md)."""
 import os, sys, random, numpy as np
 from plmjax.data import sources, tokenizer as tk
+from plmjax.data.tokenizer_train import train_tokenizer
 from plmjax.data.corpus import tokenize_documents
 from plmjax.data.bert_examples import BertExamples
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
@@ -26,7 +27,7 @@ def google(c, L, seed=0, short=0.1):
       i += 1
   return n, n_random / n
 for vocab in (800, 8000):
-  tok = tk.load_tokenizer(tk.train_tokenizer(wiki, vocab, "unigram", f"/tmp/init_tok_u{vocab}", max_sentences=20000))
+  tok = tk.load_tokenizer(train_tokenizer(wiki, vocab, "unigram", f"/tmp/init_tok_u{vocab}", max_sentences=20000))
   c = tokenize_documents(sources.read_documents(wiki), tok)
   seglen = np.diff(c.segment_offsets)
   print(f"vocab {vocab}: {c.num_documents} docs, {c.num_segments} segments, {c.num_tokens} tokens, median segment {np.median(seglen):.0f} tokens")

@@ -12,7 +12,8 @@ import numpy as np, jax, flax.linen as nn, torch, transformers
 import test_seq2seq as T
 from plmjax import config as config_lib
 from plmjax.config import base_config
-from plmjax.data.tokenizer import load_tokenizer, train_tokenizer
+from plmjax.data.tokenizer import load_tokenizer
+from plmjax.data.tokenizer_train import train_tokenizer
 from plmjax.export import export
 from plmjax.finetune import completion, data, finetune
 from plmjax.models import build_model

@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 from plmjax import config as config_lib  # noqa: E402
 from plmjax.data import pipeline  # noqa: E402
-from plmjax.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from plmjax.data.tokenizer import load_tokenizer  # noqa: E402
+from plmjax.data.tokenizer_train import train_tokenizer  # noqa: E402
 from plmjax.errors import UserError  # noqa: E402
 from plmjax.export import hf_config, t5_weights  # noqa: E402
 from plmjax.models import build_model  # noqa: E402

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 
 from plmjax.config import base_config
-from plmjax.data.tokenizer import load_tokenizer, train_tokenizer
+from plmjax.data.tokenizer import load_tokenizer
+from plmjax.data.tokenizer_train import train_tokenizer
 from plmjax.models import build_model
 from plmjax.models.config import ModelConfig
 from plmjax.train import checkpoint

@@ -130,7 +130,7 @@ _TRAINED = {}
 def trained_sentencepiece(wiki_sample, out_dir, kind="bert", model_type="unigram",
                           byte_fallback=False, vocab_size=1000) -> str:
   """A plmjax sentencepiece model trained on the first 25 articles (cached per session)."""
-  from plmjax.data.tokenizer import train_tokenizer
+  from plmjax.data.tokenizer_train import train_tokenizer
   key = (str(wiki_sample), kind, model_type, byte_fallback, vocab_size)
   if key not in _TRAINED:
     prefix = f"{out_dir}/{kind}_{model_type}_{int(byte_fallback)}_{vocab_size}"

@@ -5,6 +5,7 @@ import pytest
 
 from plmjax.data import sources
 from plmjax.data import tokenizer as tk
+from plmjax.data.tokenizer_train import train_tokenizer
 from plmjax.data.bert_examples import (MIN_FILL, BertExamples, make_chunks, truncate_pair,
                                        truncation_counts)
 from plmjax.data.bert_packing import PackedBertExamples, pack_rows
@@ -28,7 +29,7 @@ def _once(key, make):
 def tok(tmp_path_factory, wiki_sample):
   def make():
     out = str(tmp_path_factory.mktemp("tok") / "bert")
-    return tk.load_tokenizer(tk.train_tokenizer(str(wiki_sample), 800, "bpe", out,
+    return tk.load_tokenizer(train_tokenizer(str(wiki_sample), 800, "bpe", out,
                                                 max_sentences=2000))
   return _once("tok", make)
 

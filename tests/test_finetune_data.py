@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from plmjax.data.tokenizer import load_tokenizer, train_tokenizer
+from plmjax.data.tokenizer import load_tokenizer
+
+from plmjax.data.tokenizer_train import train_tokenizer
 from plmjax.errors import DataError
 from plmjax.finetune import data, features
 from plmjax.finetune.tasks import finetune_config

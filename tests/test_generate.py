@@ -13,7 +13,8 @@ import pytest
 from plmjax import cli, decoding, generate
 from plmjax import workdir as workdir_lib
 from plmjax.config import base_config
-from plmjax.data.tokenizer import load_tokenizer, train_tokenizer
+from plmjax.data.tokenizer import load_tokenizer
+from plmjax.data.tokenizer_train import train_tokenizer
 from plmjax.errors import ConfigError
 from plmjax.models import gpt
 from plmjax.models.config import ModelConfig

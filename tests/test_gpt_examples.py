@@ -7,6 +7,7 @@ import pytest
 
 from plmjax.data import sources
 from plmjax.data import tokenizer as tk
+from plmjax.data.tokenizer_train import train_tokenizer
 from plmjax.data.corpus import TokenizedCorpus, tokenize_documents
 from plmjax.data.gpt_examples import GptExamples
 
@@ -70,7 +71,7 @@ def test_segments_and_positions_restart_per_document():
 
 
 def test_real_text_rows(tmp_path, wiki_sample):
-  path = tk.train_tokenizer(str(wiki_sample), 500, "bpe", str(tmp_path / "gpt"), kind="gpt",
+  path = train_tokenizer(str(wiki_sample), 500, "bpe", str(tmp_path / "gpt"), kind="gpt",
                             max_sentences=1000)
   tok = tk.load_tokenizer(path)
   docs = sources.read_documents(str(wiki_sample))[:10]

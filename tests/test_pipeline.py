@@ -8,6 +8,7 @@ import pytest
 from plmjax.config import base_config, validate
 from plmjax.data import pipeline
 from plmjax.data import tokenizer as tk
+from plmjax.data.tokenizer_train import train_tokenizer
 from plmjax.errors import ConfigError, DataError
 
 import synthetic
@@ -24,7 +25,7 @@ def data(tmp_path_factory):
     _CACHE["train"] = synthetic.write_corpus(str(root / "train.jsonl"), texts[:100])
     _CACHE["eval"] = synthetic.write_corpus(str(root / "eval.txt"), texts[100:])
     for kind in ("bert", "gpt"):
-      path = tk.train_tokenizer(texts, 300, "bpe", str(root / kind), kind=kind)
+      path = train_tokenizer(texts, 300, "bpe", str(root / kind), kind=kind)
       _CACHE[kind] = tk.load_tokenizer(path)
   return _CACHE
 

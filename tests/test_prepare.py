@@ -13,6 +13,7 @@ from plmjax.config import base_config
 from plmjax.data import corpus as corpus_lib
 from plmjax.data import gpt_examples, pipeline, prepare, prepared, sources
 from plmjax.data import tokenizer as tk
+from plmjax.data.tokenizer_train import train_tokenizer
 from plmjax.errors import DataError
 from plmjax.train import pretrain
 
@@ -35,7 +36,7 @@ def data(tmp_path_factory):
   synthetic.write_corpus(str(root / "raw" / "b.txt"), texts[40:])
   d = dict(root=root, raw=str(root / "raw" / "*"))
   for kind in ("bert", "gpt"):
-    d[kind] = tk.load_tokenizer(tk.train_tokenizer(texts, 300, "bpe", str(root / kind), kind=kind))
+    d[kind] = tk.load_tokenizer(train_tokenizer(texts, 300, "bpe", str(root / kind), kind=kind))
     d[f"{kind}_dir"] = str(root / f"prepared_{kind}")
     _prepare(d["raw"], d[kind], d[f"{kind}_dir"])
   return d
@@ -188,7 +189,7 @@ def test_an_interrupted_prepare_continues(data, tmp_path, monkeypatch):
 
 
 def test_manifest_checks(data, tmp_path):
-  other = tk.load_tokenizer(tk.train_tokenizer(str(data["raw"]), 300, "unigram",
+  other = tk.load_tokenizer(train_tokenizer(str(data["raw"]), 300, "unigram",
                                                str(tmp_path / "other"), kind="bert"))
   c = _config(data, "bert", data["bert_dir"])
   with pytest.raises(DataError, match="prepared with another tokenizer .*config.data.tokenizer="):

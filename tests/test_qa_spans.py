@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-from plmjax.data.tokenizer import load_tokenizer, train_tokenizer
+from plmjax.data.tokenizer import load_tokenizer
+
+from plmjax.data.tokenizer_train import train_tokenizer
 from plmjax.export.hf_tokenizer import sentencepiece_to_tokenizer
 from plmjax.finetune import data, features, metrics
 from plmjax.finetune.tasks import finetune_config

@@ -27,7 +27,7 @@ import pytest
 import plmjax
 from plmjax import cli
 from plmjax.data import sources
-from plmjax.data.tokenizer import train_tokenizer
+from plmjax.data.tokenizer_train import train_tokenizer
 from plmjax.train import checkpoint
 from plmjax import workdir as workdir_lib
 

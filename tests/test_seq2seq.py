@@ -14,7 +14,8 @@ import transformers
 
 from plmjax import cli
 from plmjax.config import base_config
-from plmjax.data.tokenizer import load_tokenizer, train_tokenizer
+from plmjax.data.tokenizer import load_tokenizer
+from plmjax.data.tokenizer_train import train_tokenizer
 from plmjax.errors import ConfigError, DataError
 from plmjax.export import export
 from plmjax.finetune import data, finetune, seq2seq

@@ -15,7 +15,7 @@ from plmjax.config import load_config, validate
 from plmjax.errors import ConfigError
 from plmjax.export import t5_weights
 from plmjax.export.hf_weights import unflatten
-from plmjax.models import build_model, t5
+from plmjax.models import build_model, t5, t5_layers
 from plmjax.models.config import ModelConfig
 
 VARIANTS = [("relu", True), ("relu", False), ("gated-gelu", True), ("gated-gelu", False)]
@@ -138,7 +138,7 @@ def test_relative_position_buckets_match_hugging_face():
     for buckets, distance in ((32, 128), (8, 20), (32, 64)):
       want = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(
           torch.tensor(relative), bidirectional, buckets, distance).numpy()
-      got = t5.relative_position_bucket(jnp.asarray(relative), bidirectional, buckets, distance)
+      got = t5_layers.relative_position_bucket(jnp.asarray(relative), bidirectional, buckets, distance)
       np.testing.assert_array_equal(np.asarray(got), want)
 
 

@@ -5,6 +5,7 @@ import pytest
 
 from plmjax import cli
 from plmjax.data import tokenizer as tk
+from plmjax.data.tokenizer_train import train_tokenizer
 from plmjax.errors import DataError
 
 import synthetic
@@ -18,7 +19,7 @@ def texts():
 @pytest.fixture(scope="module")
 def bert_model(tmp_path_factory, texts):
   out = tmp_path_factory.mktemp("bert") / "spm"
-  return tk.train_tokenizer(texts, 300, "unigram", str(out), kind="bert")
+  return train_tokenizer(texts, 300, "unigram", str(out), kind="bert")
 
 
 def test_bert_layout_and_roundtrip(bert_model):
@@ -47,7 +48,7 @@ def test_word_starts_follow_sentencepiece_pieces(bert_model):
 
 
 def test_gpt_layout(tmp_path, texts):
-  path = tk.train_tokenizer(texts, 250, "bpe", str(tmp_path / "gpt"), kind="gpt")
+  path = train_tokenizer(texts, 250, "bpe", str(tmp_path / "gpt"), kind="gpt")
   tok = tk.load_tokenizer(path)
   assert tok.eos_id == 0 and tok.unk_id == 1 and tok.kind == "gpt"
   assert tok.pad_id is None and tok.mask_id is None and tok.cls_id is None
@@ -57,15 +58,15 @@ def test_gpt_layout(tmp_path, texts):
 
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])
 def test_training_is_deterministic(tmp_path, texts, model_type):
-  a = tk.train_tokenizer(texts, 260, model_type, str(tmp_path / "a"))
-  b = tk.train_tokenizer(texts, 260, model_type, str(tmp_path / "b"))
+  a = train_tokenizer(texts, 260, model_type, str(tmp_path / "a"))
+  b = train_tokenizer(texts, 260, model_type, str(tmp_path / "b"))
   with open(a, "rb") as fa, open(b, "rb") as fb:
     assert fa.read() == fb.read()
 
 
 def test_max_sentences_limits_the_input(tmp_path, texts):
-  few = tk.train_tokenizer(texts, 120, "bpe", str(tmp_path / "few"), max_sentences=20)
-  many = tk.train_tokenizer(texts, 120, "bpe", str(tmp_path / "many"))
+  few = train_tokenizer(texts, 120, "bpe", str(tmp_path / "few"), max_sentences=20)
+  many = train_tokenizer(texts, 120, "bpe", str(tmp_path / "many"))
   with open(few, "rb") as f1, open(many, "rb") as f2:
     assert f1.read() != f2.read()
 
@@ -139,12 +140,12 @@ def test_check_vocab_and_special_tokens(bert_model):
 
 def test_too_large_vocab_is_a_clear_error(tmp_path, texts):
   with pytest.raises(DataError, match="vocab-size 100000"):
-    tk.train_tokenizer(texts[:5], 100000, "bpe", str(tmp_path / "x"))
+    train_tokenizer(texts[:5], 100000, "bpe", str(tmp_path / "x"))
 
 
 def test_too_large_vocab_names_the_config_key(tmp_path, texts):
   with pytest.raises(DataError) as e:
-    tk.train_tokenizer(texts[:5], 8000, "unigram", str(tmp_path / "out" / "tok"),
+    train_tokenizer(texts[:5], 8000, "unigram", str(tmp_path / "out" / "tok"),
                        vocab_key="config.model.vocab_size")
   msg = str(e.value)
   most = int(msg.split("at most ")[1].split()[0])
@@ -153,7 +154,7 @@ def test_too_large_vocab_names_the_config_key(tmp_path, texts):
   assert 5 < most < 8000 and "--vocab-size" not in msg
   assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
   # The size it names is one sentencepiece accepts.
-  path = tk.train_tokenizer(texts[:5], most, "unigram", str(tmp_path / "out" / "tok"))
+  path = train_tokenizer(texts[:5], most, "unigram", str(tmp_path / "out" / "tok"))
   assert tk.load_tokenizer(path).vocab_size == most
 
 

@@ -11,7 +11,7 @@ the sentencepiece pieces (OUT.vocab lists the pieces only).
 
 import argparse
 
-from plmjax.data import tokenizer
+from plmjax.data import tokenizer, tokenizer_train
 from plmjax.errors import UserError
 
 
@@ -43,7 +43,7 @@ def main(args: argparse.Namespace, overrides: list[str]) -> int:
     raise UserError(f"`plmjax tokenizer` takes no config overrides (got {' '.join(overrides)})")
   if args.vocab_size <= 0:
     raise UserError(f"--vocab-size {args.vocab_size} must be positive")
-  path = tokenizer.train_tokenizer(
+  path = tokenizer_train.train_tokenizer(
       args.input, args.vocab_size, args.model_type, args.out, kind=args.kind,
       max_sentences=args.max_sentences, character_coverage=args.character_coverage,
       byte_fallback=args.byte_fallback, tfds_data_dir=args.tfds_data_dir, verbose=args.verbose,

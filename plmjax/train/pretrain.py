@@ -22,7 +22,8 @@ import jax
 from plmjax import config as config_lib
 from plmjax import workdir as workdir_lib
 from plmjax.data import pipeline, sources
-from plmjax.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
+from plmjax.data.tokenizer import check_vocab, load_tokenizer
+from plmjax.data.tokenizer_train import train_tokenizer
 from plmjax.errors import ConfigError, DataError, UserError
 from plmjax.models import build_model
 from plmjax.train import distributed, sharding
