@@ -1,4 +1,4 @@
-"""plmjax: pretrain, fine-tune and export BERT and GPT-2 models in JAX (one subcommand per job).
+"""plmjax: pretrain, fine-tune and export BERT, GPT-2 and T5 in JAX (one subcommand per job).
 
   plmjax pretrain  --config configs/bert_tiny.py --workdir DIR [--config.a.b=V ...]
   plmjax compile   --config configs/bert_large.py --topology v5e-8 [--out report.json]
@@ -30,14 +30,15 @@ from plmjax.errors import UserError
 
 # subcommand -> module with `add_arguments(parser)` and `main(args, overrides)`.
 COMMANDS = {
-    "pretrain": ("plmjax.train.pretrain", "pretrain a BERT or GPT model"),
+    "pretrain": ("plmjax.train.pretrain", "pretrain a BERT, GPT or T5 model"),
     "compile": ("plmjax.train.compile", "compile the train step for a TPU slice: will it fit?"),
     "tokenizer": ("plmjax.data.tokenizer_cli", "train a sentencepiece tokenizer"),
     "export": ("plmjax.export.export", "export a checkpoint to a Hugging Face directory"),
-    "import-hf": ("plmjax.export.import_hf", "import a Hugging Face BERT/GPT-2 directory"),
-    "finetune": ("plmjax.finetune.finetune", "fine-tune on a classification/tagging/QA task"),
+    "import-hf": ("plmjax.export.import_hf", "import a Hugging Face BERT/GPT-2/T5 directory"),
+    "finetune": ("plmjax.finetune.finetune",
+                 "fine-tune: classify, tag, QA, GPT completion, T5 seq2seq"),
     "predict": ("plmjax.finetune.predict", "predict with a fine-tuned model"),
-    "generate": ("plmjax.generate", "generate text with a GPT model"),
+    "generate": ("plmjax.generate", "generate text with a GPT or T5 model"),
     "data": ("plmjax.data.prepare", "tokenize a corpus once into ArrayRecord shards"),
     "embed": ("plmjax.embed", "sentence embeddings from a BERT model"),
     "fill-mask": ("plmjax.fill_mask", "a BERT model's guesses for [MASK] tokens"),

@@ -44,7 +44,8 @@ def add_arguments(parser):
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--prompt", help="one prompt; prints prompt + completion (T5: the target)")
   source.add_argument("--input", help="prompts: .jsonl ({\"prompt\": ...} lines) or text lines")
-  parser.add_argument("--output", help="with --input: .jsonl of {\"prompt\", \"completion\"}")
+  parser.add_argument("--output", help="with --input: .jsonl of {\"prompt\", \"completion\"} "
+                      "(T5: {\"prompt\", \"target\"})")
   parser.add_argument("--batch-size", type=int, default=16, help="prompts per device call")
   parser.add_argument("--max-new-tokens", type=int, default=50)
   parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")

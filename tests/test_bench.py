@@ -57,6 +57,22 @@ def test_pretrain_step_gpt_from_config_file_with_override():
   assert float(lines["plmjax gpt"]["flops"]) == round(expected / 1e6, 2)
 
 
+def test_pretrain_step_t5_config_counts_input_and_target_tokens():
+  stdout = run("pretrain_step.py", "--config", "configs/t5_tiny.py", *TINY)
+  lines = results(stdout)
+  assert list(lines) == ["plmjax t5"], stdout
+  from plmjax.config import load_config, validate  # pylint: disable=g-import-not-at-top
+  from plmjax.models import t5  # pylint: disable=g-import-not-at-top
+  config = load_config("configs/t5_tiny.py", [
+      "--config.model.num_layers=1", "--config.model.hidden_size=32", "--config.model.num_heads=2",
+      "--config.model.intermediate_size=64", "--config.model.vocab_size=300"])
+  cfg = validate(config)
+  s, t = 16, config.data.max_target_len
+  assert f"{2 * (s + t)} tokens/step" in stdout and f"target_len={t}" in stdout
+  per_token = t5.training_flops(cfg, s, t) / (s + t)
+  assert float(lines["plmjax t5"]["flops"]) == round(per_token / 1e6, 2)
+
+
 def test_unknown_argument_is_an_error():
   env = dict(os.environ)
   out = subprocess.run([sys.executable, str(ROOT / "bench" / "pretrain_step.py"), "--bogus"],

@@ -74,6 +74,22 @@ def test_compiles_for_tpu_slices_and_data_parallelism_gathers_no_parameters(arch
 
 
 @needs_libtpu
+def test_t5_compiles_for_a_tpu_slice_with_encoder_decoder_flops():
+  from plmjax.models import t5  # pylint: disable=g-import-not-at-top
+  c = base_config("t5")
+  c.model.update(num_layers=2, num_decoder_layers=1, hidden_size=64, num_heads=2,
+                 attention_head_dim=32, intermediate_size=128, vocab_size=512)
+  c.data.update(max_seq_len=64, max_target_len=16)
+  c.train.batch_size = 16
+  rep = compile_lib.report(c, "v5litepod-8")
+  assert rep["num_devices"] == 8 and rep["fits"] and rep["device_kind"].startswith("TPU v")
+  assert rep["collectives"]["all-reduce"]["count"] > 0  # the gradients
+  expected = 16 * t5.training_flops(validate(c), 64, 16)  # inputs and targets of 16 rows
+  assert rep["model_flops_per_step"] == pytest.approx(expected, rel=1e-9)
+  assert 0 < rep["memory"]["total"] < rep["memory"]["hbm"]
+
+
+@needs_libtpu
 def test_fsdp_shards_parameters_and_optimizer_state():
   full = compile_lib.report(tiny("bert"), "v4-8")
   fsdp = compile_lib.report(tiny("bert", fsdp=4, data=1), "v4-8")

@@ -132,6 +132,10 @@ def test_tfds_through_data_source(tmp_path):
   assert sorted(flat) == sorted(tuple(d) for d in docs) and len(set(flat)) == 9
   assert len(sources.read_documents("tfds:plmjax_tiny_text:train[:3]",
                                     tfds_data_dir=data_dir)) == 3
+  versioned = sources.read_documents("tfds:plmjax_tiny_text:1.0.0:train[:3]",
+                                     tfds_data_dir=data_dir)
+  assert list(versioned) == list(sources.read_documents("tfds:plmjax_tiny_text:train[:3]",
+                                                        tfds_data_dir=data_dir))
   with pytest.raises(DataError, match="'no_such_dataset_xyz' not found"):
     sources.read_documents("tfds:no_such_dataset_xyz:train", tfds_data_dir=data_dir,
                            key="config.data.train")

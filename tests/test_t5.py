@@ -2,6 +2,7 @@
 cache, the parameter tree's axis names, precision, and config checks."""
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -334,3 +335,37 @@ def test_sharded_forward_and_grads_equal_one_device():
 def test_t5_config_keys_are_validated(override, message):
   with pytest.raises(ConfigError, match=message):
     validate(load_config("configs/t5_tiny.py", [override]))
+
+
+def _eqns(jaxpr):
+  """Equations of a jaxpr and of the jaxprs nested in it (pjit, remat, custom_jvp)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        yield from _eqns(inner)
+
+
+@pytest.mark.parametrize("v", [VARIANTS[0], VARIANTS[3]], ids=_name)
+def test_training_flops_are_three_times_the_forward_matmuls(v):
+  """training_flops (MFU's numerator) against the matmuls the forward really runs:
+  2 x output elements x contraction size, summed over every dot_general, times 3."""
+  _, cfg, model, params = built(*v)
+  ids, dec = np.ones((1, 30), np.int32), np.ones((1, 25), np.int32)
+  jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, ids, dec))(params).jaxpr
+  dots = [e for e in _eqns(jaxpr) if e.primitive.name == "dot_general"]
+  forward = sum(2 * math.prod(e.outvars[0].aval.shape)
+                * math.prod(e.invars[0].aval.shape[i] for i in e.params["dimension_numbers"][0][0])
+                for e in dots)
+  assert len(dots) > 10 and 3 * forward == t5.training_flops(cfg, 30, 25)
+
+
+def test_auto_attention_is_xla_for_t5_on_every_platform():
+  from plmjax.models import attention
+  cfg = ModelConfig(arch="t5", dtype="bfloat16", attention_dropout_rate=0.0)
+  assert cfg.attention_impl == "auto"
+  for platform in ("tpu", "gpu", "cpu"):
+    for packed in (False, True):
+      impl, reason = attention.resolve_impl(cfg, platform, packed)
+      assert impl == "xla" and "relative position bias" in reason, (platform, packed)

@@ -24,6 +24,7 @@ import gzip
 import itertools
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 
 from plmjax.data import python_docs
@@ -162,14 +163,17 @@ def _jsonl_documents(path: str) -> Iterator[list[str]]:
       yield doc
 
 
+_TFDS_SPEC = re.compile(r"(?P<name>[^:]+(?::[\d*]+\.[\d*]+\.[\d*]+)?):(?P<split>.+)")
+
+
 def parse_tfds_spec(spec: str, key: str = "data spec") -> tuple[str, str]:
-  """'tfds:wikipedia/20230601.en:train[:10%]' -> ('wikipedia/20230601.en', 'train[:10%]')."""
-  body = spec[len("tfds:"):]
-  name, sep, split = body.partition(":")
-  if not name or not sep or not split:
-    raise ConfigError(f"{key}={spec!r} is not of the form tfds:NAME[/CONFIG]:SPLIT "
-                      "(e.g. tfds:wikipedia/20230601.en:train)")
-  return name, split
+  """'tfds:wikipedia/20230601.en:train[:10%]' -> ('wikipedia/20230601.en', 'train[:10%]');
+  a version stays with the name: 'tfds:c4/en:3.0.1:train' -> ('c4/en:3.0.1', 'train')."""
+  match = _TFDS_SPEC.fullmatch(spec[len("tfds:"):])
+  if not match:
+    raise ConfigError(f"{key}={spec!r} is not of the form tfds:NAME[/CONFIG][:VERSION]:SPLIT "
+                      "(e.g. tfds:wikipedia/20230601.en:train or tfds:c4/en:3.0.1:train)")
+  return match["name"], match["split"]
 
 
 def open_tfds(spec: str, data_dir: str | None = None, key: str = "data spec"):

@@ -1,5 +1,5 @@
 """Hugging Face interop: `plmjax export` (workdir -> transformers directory) and
-`plmjax import-hf` (transformers BERT/GPT-2 directory -> workdir).
+`plmjax import-hf` (transformers BERT/GPT-2/T5 directory -> workdir).
 
   hf_weights    param tree <-> PyTorch state dict (names, transposes, tied weights)
   hf_config     ModelConfig <-> config.json
