@@ -23,6 +23,11 @@ a loaded 2-core CPU: 111 s instead of 419 s (CPU time 44 s vs 147 s), temp 4.91 
 of 5.11 GiB per chip. With the tensor-parallel command above it compiles in 91 s instead of
 340 s but needs 10.24 GiB of temp per chip instead of 7.05.
 
+Dropout is 0, attention dropout too (as nanoGPT): fused kernels have no attention-probability
+dropout, so with it at 0 model.attention_impl=auto picks splash on TPU (packed rows as segment
+ids). On GPU these packed rows run xla, as cuDNN takes no segment ids; --config.data.packing=false
+gives cuDNN (padding as lengths) at the cost of padded rows.
+
 Expect: validation loss near 2.9 after ~30B tokens.
 """
 

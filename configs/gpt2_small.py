@@ -6,8 +6,10 @@ Run:
 
 Expect: validation loss near 3.3 after ~10B tokens (nanoGPT's figure for OpenWebText).
 
-Dropout is 0, attention dropout too (as nanoGPT), so attention runs as one fused kernel:
-splash on TPU, cuDNN on GPU (model.attention_impl=auto; bench/RESULTS.md).
+Dropout is 0, attention dropout too (as nanoGPT): fused kernels have no attention-probability
+dropout, so with it at 0 model.attention_impl=auto picks splash on TPU (packed rows as segment
+ids). On GPU these packed rows run xla, as cuDNN takes no segment ids; --config.data.packing=false
+gives cuDNN (padding as lengths) at the cost of padded rows (bench/RESULTS.md).
 """
 
 from plmjax.config import base_config

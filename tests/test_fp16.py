@@ -4,8 +4,9 @@ Faults come from outside, through hooks: `ScaleSpike` multiplies the loss scale 
 step (its gradients overflow) and takes its own factor back afterwards, so what is left
 is the scaler's doing; `NanParams` makes one step's loss NaN.
 
-The runs use attention dropout: on CPU, jax.nn.dot_product_attention (the path without
-it) asks for an F16_F16_F32 dot that XLA:CPU refuses; the einsum path computes the same.
+The runs use attention dropout. Without it, float16 also takes the einsum path
+(jax.nn.dot_product_attention asks for an F16_F16_F32 dot that XLA:CPU refuses), which
+test_float16_evaluation_without_dropout_compiles_on_cpu checks.
 """
 
 import json

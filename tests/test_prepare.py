@@ -292,3 +292,42 @@ def test_a_tfds_source_is_prepared_like_it_is_read(data, tmp_path):
   got = prepared.open_corpus(out, data["bert"], model_vocab_size=300)
   assert (got.tokens[:] == whole.tokens).all()
   assert (got.segment_offsets == whole.segment_offsets).all()
+
+
+def test_cli_prepares_with_each_tokenizer_format(data, tmp_path, capsys):
+  """`plmjax data prepare` end to end with a sentencepiece .model, a tokenizer.json and a
+  WordPiece vocab.txt: the summary line, the progress bar, and the tokens equal to
+  tokenizing the raw files with the same tokenizer (any worker count)."""
+  from tokenizers import BertWordPieceTokenizer
+  from plmjax.export.hf_tokenizer import sentencepiece_to_tokenizer
+  sentencepiece_to_tokenizer(data["bert"].path, "bert").save(str(tmp_path / "tokenizer.json"))
+  wordpiece = BertWordPieceTokenizer(lowercase=True)
+  wordpiece.train_from_iterator(synthetic.synthetic_texts(70, seed=11), vocab_size=300)
+  wordpiece.save_model(str(tmp_path))
+  cases = [(data["bert"].path, (1,)), (str(tmp_path / "tokenizer.json"), (1,)),
+           (str(tmp_path / "vocab.txt"), (1, 2))]
+  for path, worker_counts in cases:
+    tokenizer = tk.load_tokenizer(path)
+    whole = corpus_lib.tokenize_documents(sources.read_documents(data["raw"]), tokenizer)
+    outs = []
+    for workers in worker_counts:
+      out = str(tmp_path / f"{os.path.basename(path)}-{workers}")
+      assert cli.main(["data", "prepare", "--input", data["raw"], "--tokenizer", path,
+                       "--out", out, "--workers", str(workers), "--shard-size", "4KB"]) == 0
+      captured = capsys.readouterr()
+      assert f"plmjax: prepared {out}: {whole.num_documents} documents" in captured.out
+      assert f"{whole.num_tokens} tokens" in captured.out and "next: plmjax pretrain" in captured.out
+      assert "B/s" in captured.err  # the progress bar: text bytes per second
+      got = prepared.open_corpus(out, tokenizer, model_vocab_size=tokenizer.vocab_size)
+      assert (got.tokens[:] == whole.tokens).all()
+      assert (got.segment_offsets == whole.segment_offsets).all()
+      outs.append(_files(out))
+    assert all(files == outs[0] for files in outs)
+
+
+def test_eval_split_reads_a_prepared_directory(data):
+  c = _config(data, "bert", data["raw"], eval=data["bert_dir"])
+  raw = _config(data, "bert", data["raw"], eval=data["raw"])
+  got = _take(pipeline.make_pretrain_iterator(c, data["bert"], split="eval", batch_size=4), 3)
+  want = _take(pipeline.make_pretrain_iterator(raw, data["bert"], split="eval", batch_size=4), 3)
+  assert _same(got, want)

@@ -87,6 +87,9 @@ def test_gpt_loss_falls_via_cli(tmp_path, wiki_sample, capsys):
   assert len(done) == 1 and "step 60" in done[0] and "train loss" in done[0]
   assert f"checkpoint {tmp_path / 'gpt' / 'checkpoints' / '60'}" in done[0]
   assert f"next: plmjax export --workdir {tmp_path / 'gpt'}" in out
+  # The attention kernel is named at start, with why (here: CPU, so xla).
+  [kernel] = [line for line in out.splitlines() if line.startswith("plmjax: attention ")]
+  assert kernel.startswith("plmjax: attention xla: ") and len(kernel) > 30
 
 
 def test_checkpoints_can_live_outside_the_workdir(tmp_path, wiki_sample, capsys):
