@@ -3,6 +3,7 @@
 
 import dataclasses
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -155,12 +156,17 @@ def test_kv_cache_decoding_under_scan():
 
 
 @pytest.mark.parametrize("cls_name", ["BertForPreTraining", "GPT2LMHeadModel"])
-def test_hf_import_export_round_trip_is_bit_exact_when_scanned(tmp_path, cls_name):
+def test_hf_import_export_round_trip_is_bit_exact_when_scanned(tmp_path, cls_name, capsys):
   src = save(hf_model(cls_name), tmp_path / "src")
   source = load_file(src / "model.safetensors")
   workdir, out = tmp_path / "run", tmp_path / "hf_out"
   assert cli.main(["import-hf", "--model", str(src), "--workdir", str(workdir),
                    "--config.model.scan_layers=true"]) == 0
+  # The report counts Hugging Face's tensors, the stacked ones per layer, as unscanned.
+  scanned_report = capsys.readouterr().out
+  assert cli.main(["import-hf", "--model", str(src), "--workdir", str(tmp_path / "flat")]) == 0
+  count = lambda out: int(re.search(r"imported (\d+) tensors", out)[1])
+  assert count(scanned_report) == count(capsys.readouterr().out) > 10
   config = workdir_lib.read_config(str(workdir))
   assert config.model.scan_layers is True
   params, _ = checkpoint.load_params(str(workdir))

@@ -28,6 +28,7 @@ from plmjax.errors import CheckpointError, UserError
 from plmjax.export import hf_config, hf_tokenizer, hf_weights, t5_weights
 from plmjax.models import HEADS, build_model
 from plmjax.models.config import ModelConfig
+from plmjax.models.transformer import unstack_layers
 from plmjax.train import checkpoint
 
 
@@ -209,7 +210,8 @@ def import_hf(hf_dir: str, workdir: str, *, head: str | None = None, overrides=(
                                     tokenizer_dir=tok_dir if tokenizer_files else None)
   sentence = embed_lib.sentence_transformers_settings(st_dir)
   embed_lib.write_settings(workdir, sentence)  # `plmjax embed`'s defaults (None: none)
-  return dict(arch=arch, head=head, num_tensors=len(found), sentence_transformers=sentence,
+  per_layer = hf_weights.flatten(unstack_layers(hf_weights.unflatten(found)))  # HF's count
+  return dict(arch=arch, head=head, num_tensors=len(per_layer), sentence_transformers=sentence,
               num_params=int(sum(v.size for v in found.values())), initialised=missing,
               dropped=unused, ignored=sorted(ignored + tied), tokenizer_files=tokenizer_files or [],
               **{"class": cls})
