@@ -22,7 +22,7 @@ from plmjax.finetune import data, finetune, seq2seq
 from plmjax.finetune.tasks import finetune_config
 from plmjax.models import build_model
 from plmjax.models.config import ModelConfig
-from plmjax.train import checkpoint
+from plmjax.train import checkpoint, step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("completion_vs_hf",
@@ -82,7 +82,8 @@ def test_features_and_loss_equal_hugging_face_labels(init_dir, tok, tmp_path):
   a, src, tgt = feats.arrays, tok.encode(f"{A} {B}"), tok.encode(f"{B} {A} {A}")
   assert len(tgt) <= 4
   fill = [pad] * (5 - len(tgt) - 1)
-  assert a["input_ids"][0].tolist() == src + [eos] + [pad] * (5 - len(src)) + [pad] + tgt + fill
+  assert a["input_ids"][0].tolist() == src + [eos] + [pad] * (5 - len(src))
+  assert a["decoder_input_ids"][0].tolist() == [pad] + tgt + fill
   assert a["attention_mask"][0].tolist() == [1] * (len(src) + 1) + [0] * (5 - len(src))
   assert a["targets"][0].tolist() == tgt + [eos] + fill
   assert a["loss_weights"][0].tolist() == [1] * (len(tgt) + 1) + [0] * len(fill)
@@ -90,7 +91,7 @@ def test_features_and_loss_equal_hugging_face_labels(init_dir, tok, tmp_path):
   assert feats.examples[0] == dict(source_ids=src + [eos], target=f"{B} {A} {A}")
   assert feats.truncated == 0
 
-  # The objective through the steps' model (Seq2SeqLM) is HF's loss with labels -100 on
+  # The objective through the model as the steps call it is HF's loss with labels -100 on
   # padding, on the same weights, and so are its gradients; without the mask it differs.
   feats = seq2seq.featurize(task(), tok, records(*[(r["source"], r["target"])
                                                    for r in rows(4, 5)]), MAX_LEN, MAX_LEN)
@@ -102,15 +103,15 @@ def test_features_and_loss_equal_hugging_face_labels(init_dir, tok, tmp_path):
   @jax.jit
   @jax.value_and_grad
   def loss(p, b):
-    out = seq2seq.Seq2SeqLM(cfg).apply({"params": p}, b["input_ids"],
-                                       attention_mask=b["attention_mask"])
+    out = build_model(cfg, "seq2seq").apply({"params": p}, b["input_ids"],
+                                            **step.model_inputs(b))
     o = seq2seq.OBJECTIVE
     return o.loss(o.sums(out, b), o.totals(b))
 
   export.export(init_dir, str(tmp_path / "hf"))
   hf = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path / "hf"))
   labels = np.where(batch["loss_weights"] > 0, batch["targets"], -100).astype(np.int64)
-  want = hf(input_ids=torch.tensor(batch["input_ids"][:, :MAX_LEN], dtype=torch.long),
+  want = hf(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
             attention_mask=torch.tensor(batch["attention_mask"]), labels=torch.tensor(labels)).loss
   want.backward()
   got, grads = loss(params, batch)
@@ -131,7 +132,7 @@ def test_long_records_lose_their_ends_and_keep_the_end_token(tok):
   a, eos = feats.arrays, tok.eos_id
   assert a["input_ids"][0, :4].tolist() == ids[:3] + [eos]
   assert a["targets"][0].tolist() == ids[:2] + [eos]
-  assert a["input_ids"][0, 4:].tolist() == [tok.pad_id] + ids[:2]
+  assert a["decoder_input_ids"][0].tolist() == [tok.pad_id] + ids[:2]
   assert a["loss_weights"][0].tolist() == [1, 1, 1]
   assert feats.truncated == 1
 
@@ -157,11 +158,39 @@ def test_config_checks(init_dir, tmp_path):
   with pytest.raises(ConfigError, match="max_new_tokens=0 must be at least 1"):
     finetune.prepare_config(finetune_config(type="seq2seq"), init_dir,
                             ["--config.task.max_new_tokens=0"])
-  train = bench.write_jsonl(tmp_path / "t.jsonl", rows(2, 0))
+
+
+def test_packed_rows_give_the_loss_of_separate_rows(init_dir, tok, tmp_path):
+  train = bench.write_jsonl(tmp_path / "t.jsonl", rows(24, 0))
   c = finetune.prepare_config(finetune_config(type="seq2seq"), init_dir,
-                              [f"--config.data.train={train}", "--config.data.packing=true"])
-  with pytest.raises(ConfigError, match="packing=True is not supported for seq2seq"):
-    finetune.load_split(c, load_tokenizer(init_dir + "/tokenizer"), "train")
+                              [f"--config.data.train={train}", "--config.data.packing=true",
+                               f"--config.data.max_seq_len={MAX_LEN}",
+                               f"--config.data.max_target_len={MAX_LEN}"])
+  packed = finetune.load_split(c, tok, "train").arrays
+  c.data.packing = False
+  plain = finetune.load_split(c, tok, "train").arrays
+  n = len(plain["input_ids"])
+  assert len(packed["input_ids"]) < n and "attention_mask" not in packed
+  # Every record once, in order, its source and target tokens intact.
+  k = packed["encoder_segment_ids"]
+  assert int(k.max(axis=1).sum()) == n == int(packed["decoder_segment_ids"].max(axis=1).sum())
+  assert (packed["input_ids"][k > 0] == plain["input_ids"][plain["attention_mask"] > 0]).all()
+  w = packed["loss_weights"] > 0
+  assert (packed["targets"][w] == plain["targets"][plain["loss_weights"] > 0]).all()
+  assert (packed["decoder_input_ids"][w] == plain["decoder_input_ids"][plain["loss_weights"] > 0]).all()
+  # Attention stays within a record: the summed loss and token count are the separate rows'.
+  cfg = ModelConfig.from_config(json.loads(pathlib.Path(init_dir, "config.json").read_text())
+                                ["model"])
+  params, _ = checkpoint.load_params(init_dir)
+  model, o = build_model(cfg, "seq2seq"), seq2seq.OBJECTIVE
+
+  def sums(b):
+    out = model.apply({"params": params}, b["input_ids"], **step.model_inputs(b))
+    return {key: float(v) for key, v in o.sums(out, b).items()}
+  want, got = sums(plain), sums(packed)
+  assert got["count"] == want["count"] > 0
+  assert got["loss_sum"] == pytest.approx(want["loss_sum"], rel=1e-5)
+  assert got["correct_sum"] == want["correct_sum"]
 
 
 # ---- end to end through the CLI -------------------------------------------------------------
@@ -240,6 +269,21 @@ def test_generate_cli_gives_predicts_targets(tuned, tmp_path, capsys):
   capsys.readouterr()
   assert cli.main(["generate", "--workdir", str(tuned), "--prompt", sources[1], *flags]) == 0
   assert capsys.readouterr().out.strip() == want[1]
+
+
+def test_finetune_cli_trains_on_packed_rows(init_dir, tmp_path, capsys):
+  train = bench.write_jsonl(tmp_path / "train.jsonl", rows(64, 0))
+  argv = ["finetune", "--config", str(ROOT / "configs" / "finetune" / "seq2seq.py"),
+          "--init", init_dir, "--workdir", str(tmp_path / "run"), f"--config.data.train={train}",
+          "--config.data.packing=true", f"--config.data.max_seq_len={MAX_LEN}",
+          f"--config.data.max_target_len={MAX_LEN}", "--config.train.epochs=0",
+          "--config.train.steps=2", "--config.train.batch_size=8",
+          "--config.train.log_every_steps=1", "--config.checkpoint.async_save=false"]
+  assert cli.main(argv) == 0
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    lines = [json.loads(line) for line in f]
+  assert [r["step"] for r in lines] == [1, 2] and all(np.isfinite(r["loss"]) for r in lines)
+  assert "tokens/step" in capsys.readouterr().out
 
 
 def test_tfds_source_with_its_own_field_names(init_dir, tok, tmp_path):

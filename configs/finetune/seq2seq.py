@@ -11,7 +11,8 @@ Records: {"source": "...", "target": "..."} per .jsonl line (any source: name th
 task.text_field / task.label_field; a tfds dataset: task.tfds_fields, e.g. for
 tfds:cnn_dailymail:train text="article", label="highlights"). Sources are cut to
 data.max_seq_len tokens and targets to data.max_target_len (each with its </s>);
-train.batch_size counts records. eval_results.json: loss, accuracy, perplexity on target
+train.batch_size counts records (with --config.data.packing=true, short records share rows
+and it counts rows). eval_results.json: loss, accuracy, perplexity on target
 tokens, exact_match and rougeL of greedy generations (at most task.max_new_tokens each),
 in [0, 1].
 

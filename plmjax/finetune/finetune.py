@@ -123,15 +123,14 @@ def load_split(config, tokenizer, key: str) -> features.Features:
                               key=f"config.data.{key}")
   is_main = jax.process_index() == 0
   if config.task.type == "seq2seq":
-    if config.data.packing:
-      raise ConfigError("config.data.packing=True is not supported for seq2seq fine-tuning; "
-                        "set it to False (one record per row)")
     feats = seq2seq.featurize(config.task, tokenizer, records, config.data.max_seq_len,
                               config.data.max_target_len)
     if feats.truncated and is_main:
       print(f"plmjax: cut {feats.truncated} of {len(records)} records of {spec} to "
             f"data.max_seq_len={config.data.max_seq_len} source / data.max_target_len="
             f"{config.data.max_target_len} target tokens (their ends)", flush=True)
+    if key == "train" and config.data.packing:
+      feats.arrays = seq2seq.pack(feats.arrays, seq2seq.special_ids(tokenizer)[1])
     return feats
   if config.task.type == "completion":
     feats = completion.featurize(config.task, tokenizer, records, config.data.max_seq_len)
@@ -208,13 +207,13 @@ def run(config, init: str, workdir: str, overrides=(), *, signals=None, hooks=()
   points = set(schedule(config, len(train.arrays["input_ids"])))
   config_lib.validate(config)  # train.steps and warmup as the schedule set them
   t, seq_len = config.train, config.data.max_seq_len
-  if config.task.type == "seq2seq":  # rows hold the encoder's and the decoder's tokens
+  model = build_model(model_cfg, config.task.head)
+  if config.task.type == "seq2seq":  # a token is a source or a target token
     target_len = config.data.max_target_len
-    model = seq2seq.Seq2SeqLM(model_cfg)
     flops = t5.training_flops(model_cfg, seq_len, target_len) / (seq_len + target_len)
     seq_len += target_len
   else:
-    model, flops = build_model(model_cfg, config.task.head), flops_per_token(model_cfg, seq_len, 0)
+    flops = flops_per_token(model_cfg, seq_len, 0)
   batches = data.BatchIterator(train.arrays, t.batch_size, seed=t.seed,
                                process_index=jax.process_index(),
                                process_count=jax.process_count())

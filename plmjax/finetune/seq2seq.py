@@ -10,10 +10,13 @@ A record {"source": S, "target": T} becomes, as Hugging Face's T5 with `labels`:
 A longer source or target loses its end (its </s> stays, as the tokenizer's truncation
 keeps it); such records are counted and reported.
 
-plmjax's train and eval steps call every model as model(input_ids, **MODEL_INPUTS), so a
-batch carries the encoder and decoder inputs side by side in `input_ids` (B x (S + T)) and
-the encoder's padding mask as `attention_mask` (B x S); `Seq2SeqLM`, a T5 with the same
-parameter tree, splits them at the mask's width.
+The batch keys are those of T5 pretraining (plmjax/data/t5_examples.py): input_ids and
+attention_mask (B x S), decoder_input_ids, targets and loss_weights (B x T), so the train
+and eval steps call the plain T5ForConditionalGeneration. With data.packing (train split
+only), `pack` puts several records in a row, in order, while both their sources fit S
+and their targets fit T: encoder_segment_ids/decoder_segment_ids number them from 1 (0:
+padding), positions restart at each record, and attention stays within a record; then
+train.batch_size counts rows.
 
 Evaluation: loss (mean over target tokens), accuracy (next token), perplexity, and
 generations from the sources (plmjax.seq2seq_decoding, greedy, at most
@@ -28,7 +31,6 @@ import numpy as np
 from plmjax.errors import ConfigError, DataError
 from plmjax.finetune import completion, data
 from plmjax.finetune.features import Features
-from plmjax.models import t5
 
 # The completion task's objective reads the same keys: logits, targets, loss_weights, weights.
 OBJECTIVE = completion.OBJECTIVE
@@ -37,16 +39,6 @@ OBJECTIVE = completion.OBJECTIVE
 @dataclasses.dataclass
 class Seq2SeqFeatures(Features):
   truncated: int = 0  # records whose source or target was cut
-
-
-class Seq2SeqLM(t5.T5ForConditionalGeneration):
-  """T5 called as the train and eval steps call every model: input_ids = [encoder inputs |
-  decoder inputs], split at the width of attention_mask (the encoder's padding mask)."""
-
-  def __call__(self, input_ids, *, attention_mask, deterministic: bool = True, **unused):
-    width = attention_mask.shape[1]
-    return super().__call__(input_ids[:, :width], input_ids[:, width:],
-                            attention_mask=attention_mask, deterministic=deterministic)
 
 
 def special_ids(tokenizer) -> tuple[int, int]:
@@ -65,8 +57,8 @@ def source_ids(tokenizer, text: str, max_len: int) -> list[int]:
 
 def featurize(task, tokenizer, records, max_source_len: int,
               max_target_len: int) -> Seq2SeqFeatures:
-  """Rows of input_ids ([source | decoder inputs]), attention_mask, targets, loss_weights
-  and weights; examples[i] = {"source_ids": the encoder ids, "target": the reference}."""
+  """Rows of input_ids, attention_mask, decoder_input_ids, targets, loss_weights and
+  weights; examples[i] = {"source_ids": the encoder ids, "target": the reference}."""
   if not records:
     raise DataError("no records to featurise")
   if max_source_len < 2 or max_target_len < 2:
@@ -78,8 +70,9 @@ def featurize(task, tokenizer, records, max_source_len: int,
   targets = [completion.field_text(r, task.label_field, "config.task.label_field")
              for r in records]
   n, s_len, t_len = len(records), max_source_len, max_target_len
-  arrays = dict(input_ids=np.full((n, s_len + t_len), pad, np.int32),
+  arrays = dict(input_ids=np.full((n, s_len), pad, np.int32),
                 attention_mask=np.zeros((n, s_len), np.int32),
+                decoder_input_ids=np.full((n, t_len), pad, np.int32),
                 targets=np.full((n, t_len), pad, np.int32),
                 loss_weights=np.zeros((n, t_len), np.float32),
                 weights=np.ones(n, np.float32))
@@ -90,11 +83,51 @@ def featurize(task, tokenizer, records, max_source_len: int,
     src, tgt = list(src)[:s_len - 1] + [eos], list(tgt)[:t_len - 1] + [eos]
     arrays["input_ids"][i, :len(src)] = src
     arrays["attention_mask"][i, :len(src)] = 1
-    arrays["input_ids"][i, s_len:s_len + len(tgt)] = [pad] + tgt[:-1]
+    arrays["decoder_input_ids"][i, :len(tgt)] = [pad] + tgt[:-1]
     arrays["targets"][i, :len(tgt)] = tgt
     arrays["loss_weights"][i, :len(tgt)] = 1.0
     examples.append(dict(source_ids=src, target=targets[i]))
   return Seq2SeqFeatures(arrays, examples, truncated=truncated)
+
+
+def pack(arrays: dict, pad_id: int) -> dict:
+  """Unpacked rows -> rows holding several records each, in order: a record joins the
+  current row while its source and its target both fit, else it opens the next row."""
+  n, s_len = arrays["input_ids"].shape
+  t_len = arrays["targets"].shape[1]
+  src_len = arrays["attention_mask"].sum(axis=1).tolist()
+  tgt_len = (arrays["loss_weights"] > 0).sum(axis=1).tolist()
+  rows, row, used_s, used_t = [], [], 0, 0
+  for i in range(n):
+    if row and (used_s + src_len[i] > s_len or used_t + tgt_len[i] > t_len):
+      rows.append(row)
+      row, used_s, used_t = [], 0, 0
+    row.append(i)
+    used_s, used_t = used_s + src_len[i], used_t + tgt_len[i]
+  rows.append(row)
+  pad, m = pad_id, len(rows)
+  out = dict(input_ids=np.full((m, s_len), pad, np.int32),
+             encoder_segment_ids=np.zeros((m, s_len), np.int32),
+             encoder_positions=np.zeros((m, s_len), np.int32),
+             decoder_input_ids=np.full((m, t_len), pad, np.int32),
+             targets=np.full((m, t_len), pad, np.int32),
+             loss_weights=np.zeros((m, t_len), np.float32),
+             decoder_segment_ids=np.zeros((m, t_len), np.int32),
+             decoder_positions=np.zeros((m, t_len), np.int32),
+             weights=np.ones(m, np.float32))
+  for r, members in enumerate(rows):
+    at_s = at_t = 0
+    for k, i in enumerate(members, start=1):
+      a, b = src_len[i], tgt_len[i]
+      out["input_ids"][r, at_s:at_s + a] = arrays["input_ids"][i, :a]
+      out["encoder_segment_ids"][r, at_s:at_s + a] = k
+      out["encoder_positions"][r, at_s:at_s + a] = np.arange(a)
+      for key in ("decoder_input_ids", "targets", "loss_weights"):
+        out[key][r, at_t:at_t + b] = arrays[key][i, :b]
+      out["decoder_segment_ids"][r, at_t:at_t + b] = k
+      out["decoder_positions"][r, at_t:at_t + b] = np.arange(b)
+      at_s, at_t = at_s + a, at_t + b
+  return out
 
 
 def generate_texts(model, params, tokenizer, sources: list[list[int]], max_new_tokens: int, *,
