@@ -8,10 +8,15 @@ object whose --field, default "text", holds the text). Each text becomes one row
 [CLS] text [SEP], cut to --max-seq-len tokens (default: the workdir's data.max_seq_len).
 `mean` averages the encoder's last hidden states over the row's tokens, padding left
 out ([CLS] and [SEP] included, as sentence-transformers does); `cls` takes the [CLS]
-hidden state. --normalize scales each vector to unit length. Batches are split over all
-local devices (data parallel, weights replicated); rows are sorted by length and padded
-to a few bucket lengths, so a file compiles a handful of programs. The output .npy holds
-N x hidden_size float32 vectors in input order.
+hidden state. --normalize scales each vector to unit length. Rows are sorted by length and
+padded to a few bucket lengths, so a file compiles a handful of programs. The output .npy
+holds N x hidden_size float32 vectors in input order.
+
+Sharding: the local devices form a mesh as in training, by default all of them over `data`
+(weights replicated, rows split). `--config.mesh.fsdp=N` / `--config.mesh.tensor=N` split
+the weights as training does (config.sharding.logical_axis_rules) for a model too large for
+one device; rows are split over data x fsdp. The training run's own mesh is not reused (it
+may span other hosts).
 
 A workdir that `plmjax import-hf` made from a sentence-transformers directory
 (modules.json: Transformer, Pooling, Normalize) keeps that model's pooling, normalisation
@@ -26,15 +31,17 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from plmjax import config as config_lib
 from plmjax import workdir as workdir_lib
 from plmjax.data.tokenizer import load_tokenizer
 from plmjax.errors import ConfigError, DataError, UserError
 from plmjax.models import bert
 from plmjax.models.config import ModelConfig
-from plmjax.train import checkpoint
+from plmjax.train import checkpoint, sharding
+from plmjax.train.state import MeshRules
 
 POOLINGS = ("mean", "cls")
 SETTINGS_FILE = "sentence_transformers.json"
@@ -167,8 +174,27 @@ def pool(hidden_BxLxD, mask_BxL, pooling: str, normalize: bool):
   return x_BxD
 
 
-def data_mesh() -> Mesh:
-  return Mesh(np.asarray(jax.local_devices()), ("data",))
+class Placement:
+  """The mesh, the logical-axis rules and the weights' shardings that `run_batches` uses."""
+
+  def __init__(self, config, model, mesh_overrides=()):
+    mesh_cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    for item in mesh_overrides:
+      if not item.startswith("--config.mesh."):
+        raise ConfigError(f"this command takes only --config.mesh.* overrides (got {item})")
+    holder = ml_collections.ConfigDict(dict(mesh=mesh_cfg))
+    config_lib.apply_overrides(holder, list(mesh_overrides))
+    heads = config.model.num_heads
+    if heads % holder.mesh.tensor:
+      raise ConfigError(f"--config.mesh.tensor={holder.mesh.tensor} must divide the model's "
+                        f"{heads} heads")
+    self.mesh = sharding.make_mesh(holder.mesh, jax.local_devices())
+    self.rules = tuple(tuple(r) for r in config.sharding.logical_axis_rules)
+    ids = np.zeros((1, 8), np.int32)
+    with MeshRules(self.mesh, self.rules):
+      boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, None, ids + 1,
+                                                deterministic=True))["params"]
+      self.params = sharding.logical_shardings(boxed, self.mesh, self.rules)
 
 
 def buckets(max_len: int) -> list[int]:
@@ -187,16 +213,15 @@ def rows(tokenizer, texts, max_len: int) -> list[list[int]]:
 
 
 def run_batches(fn, params, id_rows, pad_id: int, batch_size: int, max_len: int,
-                desc: str) -> np.ndarray:
-  """fn(params, ids_BxL, mask_BxL) on every row, batched by length, sharded over the local
-  devices; results in the rows' order."""
+                desc: str, place: Placement) -> np.ndarray:
+  """fn(params, ids_BxL, mask_BxL) on every row, batched by length, on `place`'s mesh
+  (rows over data x fsdp, weights as its shardings say); results in the rows' order."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  mesh = data_mesh()
-  ways = mesh.shape["data"]
+  ways = sharding.batch_parallelism(place.mesh)
   batch_size = -(-min(batch_size, max(len(id_rows), 1)) // ways) * ways
-  rows_sharding = NamedSharding(mesh, P("data"))
-  params = jax.device_put(params, NamedSharding(mesh, P()))
-  fn = jax.jit(fn, in_shardings=(NamedSharding(mesh, P()), rows_sharding, rows_sharding),
+  rows_sharding = sharding.batch_sharding(place.mesh)
+  params = jax.device_put(params, place.params)
+  fn = jax.jit(fn, in_shardings=(place.params, rows_sharding, rows_sharding),
                out_shardings=rows_sharding)
   order = np.argsort([-len(r) for r in id_rows], kind="stable")
   sizes = buckets(max_len)
@@ -210,14 +235,16 @@ def run_batches(fn, params, id_rows, pad_id: int, batch_size: int, max_len: int,
     for b, i in enumerate(idx):
       ids_BxL[b, :len(id_rows[i])] = id_rows[i]
       mask_BxL[b, :len(id_rows[i])] = 1
-    result = np.asarray(jax.device_get(fn(params, ids_BxL, mask_BxL)))
+    with MeshRules(place.mesh, place.rules):
+      result = np.asarray(jax.device_get(fn(params, ids_BxL, mask_BxL)))
     for b, i in enumerate(idx):
       out[i] = result[b]
   return np.stack(out) if out else np.zeros((0,), np.float32)
 
 
 def embed(workdir: str, texts, *, pooling: str | None = None, normalize: bool | None = None,
-          batch_size: int = 64, max_seq_len: int | None = None, step=None) -> np.ndarray:
+          batch_size: int = 64, max_seq_len: int | None = None, step=None,
+          mesh_overrides=()) -> np.ndarray:
   """N x hidden_size float32 embeddings of `texts` (see the module docstring)."""
   config, model_cfg, tokenizer, params = load_bert(workdir, step)
   settings = read_settings(workdir)
@@ -245,7 +272,7 @@ def embed(workdir: str, texts, *, pooling: str | None = None, normalize: bool | 
 
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
   out = run_batches(forward, encoder_params(params), rows(tokenizer, texts, max_len), pad,
-                    batch_size, max_len, "embed")
+                    batch_size, max_len, "embed", Placement(config, model, mesh_overrides))
   return out.reshape(len(texts), model_cfg.hidden_size).astype(np.float32)
 
 
@@ -275,13 +302,12 @@ def read_texts(path: str, field: str = "text") -> list[str]:
 
 
 def main(args, overrides):
-  if overrides:
-    raise ConfigError(f"embed takes no --config overrides (got {overrides[0]})")
   texts = read_texts(args.input, args.field)
   if not texts:
     raise UserError(f"--input {args.input} holds no texts")
   vectors = embed(args.workdir, texts, pooling=args.pooling, normalize=args.normalize,
-                  batch_size=args.batch_size, max_seq_len=args.max_seq_len, step=args.step)
+                  batch_size=args.batch_size, max_seq_len=args.max_seq_len, step=args.step,
+                  mesh_overrides=overrides)
   np.save(args.output, vectors)
   print(f"plmjax: wrote {vectors.shape[0]} x {vectors.shape[1]} embeddings to {args.output}")
   return 0

@@ -20,6 +20,7 @@ from plmjax import cli, embed, fill_mask
 from plmjax.export.export import export
 from plmjax.export.import_hf import import_hf
 from plmjax.models import bert
+from plmjax.models.config import ModelConfig
 from plmjax import workdir as workdir_lib
 from plmjax.train import checkpoint
 from finetune_helpers import make_init_workdir
@@ -79,6 +80,28 @@ def test_embed_cli_matches_sentence_transformers(dirs, tmp_path, capsys):
   assert cosine(ours, ref).min() >= 0.9999
   np.testing.assert_allclose(ours, ref, atol=1e-5)
   assert np.allclose(np.linalg.norm(ours, axis=-1), 1.0, atol=1e-5)
+
+
+def test_embed_with_weights_split_over_fsdp_and_tensor(dirs, tmp_path, capsys):
+  """--config.mesh.fsdp=2 --config.mesh.tensor=2 on the 8 devices: the weights really split,
+  the vectors those of sentence-transformers still."""
+  inp, out = tmp_path / "texts.txt", tmp_path / "emb.npy"
+  inp.write_text("\n".join(TEXTS) + "\n")
+  assert cli.main(["embed", "--workdir", str(dirs / "wd_st"), "--input", str(inp), "--output",
+                   str(out), "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]) == 0
+  np.testing.assert_allclose(np.load(out), st_encode(dirs / "st", TEXTS), atol=1e-5)
+  config = workdir_lib.read_config(str(dirs / "wd_st"))
+  model = bert.BertModel(ModelConfig.from_config(config.model), add_pooling_layer=False)
+  place = embed.Placement(config, model, ["--config.mesh.fsdp=2", "--config.mesh.tensor=2"])
+  assert dict(place.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  query = place.params["encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"]
+  assert query.shard_shape((32, 32)) == (16, 16)  # embed over fsdp, heads over tensor
+  for bad, message in [("--config.mesh.tensor=3", "must divide the model's 4 heads"),
+                       ("--config.train.steps=3", "only --config.mesh.* overrides")]:
+    capsys.readouterr()
+    assert cli.main(["embed", "--workdir", str(dirs / "wd_st"), "--input", str(inp),
+                     "--output", str(tmp_path / "bad.npy"), bad]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "bad.npy").exists()
 
 
 def test_old_layout_with_cls_pooling_in_a_subfolder(dirs, tmp_path):
